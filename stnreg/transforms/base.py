@@ -1,0 +1,221 @@
+"""The transform protocol: parameters -> point map -> sampling coordinates.
+
+A transform maps points of the **output** (fixed) space to points of the **input** (moving) space
+(a pull-back, as ITK's transforms and ``grid_sample`` do): ``warped(x) = image(T(x))``.
+Points are ``(N, ..., d)`` in ``(x, y, z)`` order, in the transform's *domain space*: normalized
+coordinates for a Spatial Transformer, or world millimetres for registration of images with
+geometry (pass :class:`~stnreg.coords.Grid` objects to :meth:`Transform.sampling_grid`).
+
+Composition follows function composition: ``f.compose(g)`` maps ``x`` to ``f(g(x))``, so that
+``warp(warp(I, f), g) == warp(I, f.compose(g))`` and ``Composite([f, g])`` lists transforms in the
+order in which an ITK ``CompositeTransform`` adds them (ITK applies the last added first).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .._checks import check_finite, check_ndim
+from ..coords import Grid, apply_affine, index_to_normalized_matrix, lattice
+
+__all__ = ["Composite", "NumericalInverse", "ParametricTransform", "Transform"]
+
+
+def output_lattice(
+    out: Sequence[int] | Grid, dtype: torch.dtype, device: torch.device | str | None
+) -> tuple[Tensor, Tensor]:
+    """Voxel-centre points of the output and the homogeneous map from output index to domain space.
+
+    A shape means the normalized domain; a :class:`Grid` means world space.
+
+    Returns:
+        ``(points (1, *shape, d), index_to_domain (d+1, d+1) float64)``.
+    """
+    if isinstance(out, Grid):
+        m = out.index_to_world(device=device)
+        pts = apply_affine(m, lattice(out.shape, "index", torch.float64, device)).to(dtype)
+        return pts.unsqueeze(0), m
+    shape = tuple(int(s) for s in out)
+    m = index_to_normalized_matrix(shape, device=device)
+    return lattice(shape, "normalized", dtype, device).unsqueeze(0), m
+
+
+class Transform(nn.Module):
+    """Base class: a batch of ``N`` spatial maps of a ``d``-dimensional domain.
+
+    Subclasses implement :meth:`forward` (``(N, ..., d) -> (N, ..., d)``) and may override
+    :meth:`sampling_grid` with a faster route for lattices.
+    """
+
+    def __init__(self, ndim: int) -> None:
+        super().__init__()
+        self.ndim = check_ndim(ndim)
+
+    @property
+    def batch_size(self) -> int:
+        raise NotImplementedError
+
+    def forward(self, points: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _check_points(self, points: Tensor) -> None:
+        if points.shape[-1] != self.ndim:
+            raise ValueError(f"{type(self).__name__} is {self.ndim}D but points have {points.shape[-1]} components")
+
+    def sampling_grid(self, out: Sequence[int] | Grid, source: Grid | None = None) -> Tensor:
+        """Normalized sampler coordinates ``(N, *out_shape, d)`` for an output lattice.
+
+        Args:
+            out: output shape (array order) when the domain is normalized space, or a
+                :class:`Grid` when the domain is world space.
+            source: the input image's :class:`Grid` (world domain only); the mapped world points are
+                converted to its normalized coordinates.
+        """
+        pts, _ = output_lattice(out, self._dtype(), self._device())
+        mapped = self(pts)
+        if source is not None:
+            mapped = apply_affine(source.world_to_normalized(device=mapped.device), mapped)
+        elif isinstance(out, Grid):
+            raise ValueError("a world-space output Grid needs the source Grid too")
+        return mapped
+
+    def compose(self, other: Transform) -> Transform:
+        """``self ∘ other``: the map ``x -> self(other(x))`` (warping by ``self`` first, then ``other``)."""
+        return Composite([self, other])
+
+    def inverse(self) -> Transform:
+        """The inverse map; numerical (fixed-point iteration) unless a family knows better."""
+        return NumericalInverse(self)
+
+    def _dtype(self) -> torch.dtype:
+        for t in list(self.parameters()) + list(self.buffers()):
+            if t.is_floating_point():
+                return t.dtype
+        return torch.get_default_dtype()
+
+    def _device(self) -> torch.device:
+        for t in list(self.parameters()) + list(self.buffers()):
+            return t.device
+        return torch.device("cpu")
+
+
+class ParametricTransform(Transform):
+    """A transform family with a parameter tensor of shape ``(N, *param_shape)``.
+
+    Parameters are either owned (an ``nn.Parameter`` initialized to the identity, for direct
+    optimization) or given (a tensor that stays in its autograd graph, e.g. a network's output).
+    """
+
+    param_shape: tuple[int, ...]
+
+    def __init__(self, ndim: int, batch: int = 1, params: Tensor | None = None) -> None:
+        super().__init__(ndim)
+        self._init_batch = int(batch)
+
+    def _bind(self, params: Tensor | None) -> None:
+        """Own identity parameters, or hold ``params`` given by the caller (validated)."""
+        if params is None:
+            self.params = nn.Parameter(self.identity_params(self._init_batch))
+            return
+        self.params = self.validate_params(params)
+
+    def validate_params(self, params: Tensor) -> Tensor:
+        """Check type, shape and finiteness of a parameter tensor; reshape a flat ``(N, P)`` tensor."""
+        name = type(self).__name__
+        if not isinstance(params, Tensor) or not params.is_floating_point():
+            raise TypeError(f"{name} parameters must be a floating-point tensor")
+        if params.dim() == 2 and params.shape[1] == self.num_params and len(self.param_shape) != 1:
+            params = params.reshape(params.shape[0], *self.param_shape)
+        if tuple(params.shape[1:]) != tuple(self.param_shape):
+            raise ValueError(
+                f"{name} expects parameters of shape (N, {', '.join(map(str, self.param_shape))}) "
+                f"or (N, {self.num_params}), got {tuple(params.shape)}"
+            )
+        check_finite(params, f"{name} parameters")
+        return params
+
+    @property
+    def num_params(self) -> int:
+        """Number of parameters per batch item."""
+        n = 1
+        for s in self.param_shape:
+            n *= s
+        return n
+
+    @property
+    def batch_size(self) -> int:
+        return self.params.shape[0]
+
+    def identity_params(self, batch: int = 1) -> Tensor:  # pragma: no cover - abstract
+        """Parameters of the identity map, ``(batch, *param_shape)``."""
+        raise NotImplementedError
+
+    def with_params(self, params: Tensor) -> ParametricTransform:
+        """A transform of the same family and configuration bound to ``params`` (kept in the graph)."""
+        raise NotImplementedError
+
+    def _dtype(self) -> torch.dtype:
+        return self.params.dtype
+
+    def _device(self) -> torch.device:
+        return self.params.device
+
+
+class Composite(Transform):
+    """A chain ``[T1, ..., Tn]`` mapping ``x -> T1(T2(...Tn(x)))`` (ITK ``CompositeTransform`` order)."""
+
+    def __init__(self, transforms: Sequence[Transform]) -> None:
+        if not transforms:
+            raise ValueError("Composite needs at least one transform")
+        ndims = {t.ndim for t in transforms}
+        if len(ndims) != 1:
+            raise ValueError(f"cannot compose transforms of different dimensions {sorted(ndims)}")
+        super().__init__(transforms[0].ndim)
+        flat: list[Transform] = []
+        for t in transforms:
+            flat.extend(t.transforms if isinstance(t, Composite) else [t])
+        self.transforms = nn.ModuleList(flat)
+
+    @property
+    def batch_size(self) -> int:
+        return max(t.batch_size for t in self.transforms)
+
+    def forward(self, points: Tensor) -> Tensor:
+        self._check_points(points)
+        for t in reversed(self.transforms):
+            points = t(points)
+        return points
+
+    def inverse(self) -> Transform:
+        return Composite([t.inverse() for t in reversed(self.transforms)])
+
+
+class NumericalInverse(Transform):
+    """Inverse of ``T`` by the fixed-point iteration ``x <- x - (T(x) - y)``.
+
+    Converges when ``T - id`` is a contraction (displacement gradients below 1), which holds for
+    the smooth, folding-free maps of registration. ``iterations`` trades time for accuracy; the
+    residual ``|T(x) - y|`` shrinks geometrically.
+    """
+
+    def __init__(self, transform: Transform, iterations: int = 30) -> None:
+        super().__init__(transform.ndim)
+        self.transform = transform
+        self.iterations = int(iterations)
+
+    @property
+    def batch_size(self) -> int:
+        return self.transform.batch_size
+
+    def forward(self, points: Tensor) -> Tensor:
+        self._check_points(points)
+        x = points
+        for _ in range(self.iterations):
+            x = x - (self.transform(x) - points)
+        return x
+
+    def inverse(self) -> Transform:
+        return self.transform

@@ -1,0 +1,169 @@
+"""Cubic B-spline free-form deformation (FFD).
+
+``T(x) = x + sum_j c_j B(t(x) - j)`` with the tensor-product cubic B-spline ``B`` over a control
+lattice. The control lattice spans the field's normalized domain ``[-1, 1]^d`` (the outer voxel
+edges of the image it was made for) with one extra control point beyond each side, so a lattice of
+``n`` points per axis has ``n - 3`` intervals across the domain. Coefficients are displacements in
+domain units (normalized units, or mm when the domain is world space), ``(N, d, *control_shape)``
+with ``(x, y, z)`` channels. Zero coefficients are the identity.
+
+Evaluation on a lattice aligned with the control grid (the common case: the image grid itself) is
+separable, a few small matrix products per axis; arbitrary points use the ``4^d`` neighbouring
+coefficients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ..coords import Grid, apply_affine
+from .base import ParametricTransform, output_lattice
+
+__all__ = ["BSpline", "cubic_bspline_weights"]
+
+
+def cubic_bspline_weights(f: Tensor) -> Tensor:
+    """The four cubic B-spline weights ``(..., 4)`` for fractional offsets ``f`` in ``[0, 1)``."""
+    f2, f3 = f * f, f * f * f
+    return torch.stack([(1 - f) ** 3 / 6, (3 * f3 - 6 * f2 + 4) / 6, (-3 * f3 + 3 * f2 + 3 * f + 1) / 6, f3 / 6], -1)
+
+
+def _to_control_index(u: Tensor, n_ctrl: int) -> Tensor:
+    """Normalized coordinate ``u`` to continuous control index (point 1 at -1, point n-2 at +1)."""
+    return (u + 1.0) * (n_ctrl - 3) / 2.0 + 1.0
+
+
+def _basis_matrix(u: Tensor, n_ctrl: int) -> Tensor:
+    """Dense ``(len(u), n_ctrl)`` matrix of cubic B-spline weights at 1D positions ``u``."""
+    t = _to_control_index(u, n_ctrl)
+    i = torch.floor(t)
+    w = cubic_bspline_weights(t - i)
+    mat = torch.zeros(u.shape[0], n_ctrl, dtype=u.dtype, device=u.device)
+    for o in range(4):
+        col = (i.long() + o - 1).clamp(0, n_ctrl - 1)
+        mat.scatter_add_(1, col.unsqueeze(1), w[:, o : o + 1])
+    return mat
+
+
+class BSpline(ParametricTransform):
+    """Cubic B-spline FFD; parameters ``(N, d, *control_shape)`` displacements, ``(x, y, z)`` channels.
+
+    Args:
+        control_shape: control points per axis in array order, each ``>= 4``.
+        domain: homogeneous ``(d+1, d+1)`` map from the transform's point space to the field's
+            normalized coordinates. ``None`` means the point space *is* that normalized space
+            (Spatial Transformer use). For world space use ``grid.world_to_normalized()``.
+    """
+
+    def __init__(
+        self,
+        control_shape: Sequence[int],
+        batch: int = 1,
+        params: Tensor | None = None,
+        domain: Tensor | None = None,
+    ) -> None:
+        shape = tuple(int(s) for s in control_shape)
+        if any(s < 4 for s in shape):
+            raise ValueError(f"a cubic B-spline needs at least 4 control points per axis, got {shape}")
+        d = len(shape)
+        self.param_shape = (d, *shape)
+        super().__init__(d, batch, params)
+        self.control_shape = shape
+        dom = torch.eye(d + 1, dtype=torch.float64) if domain is None else torch.as_tensor(domain).double()
+        if dom.shape != (d + 1, d + 1):
+            raise ValueError(f"domain must be a ({d + 1}, {d + 1}) homogeneous matrix, got {tuple(dom.shape)}")
+        self.register_buffer("domain", dom)
+        self._bind(params)
+
+    @classmethod
+    def for_grid(
+        cls, grid: Grid | Sequence[int], spacing: float | Sequence[float], batch: int = 1, world: bool = True
+    ) -> BSpline:
+        """A zero FFD covering an image grid with control points about every ``spacing`` voxels.
+
+        Args:
+            grid: the image's :class:`Grid` (world domain when ``world``) or its array-order shape.
+            spacing: control point spacing in voxels, scalar or per axis in array order.
+        """
+        shape = grid.shape if isinstance(grid, Grid) else tuple(grid)
+        sp = [float(spacing)] * len(shape) if isinstance(spacing, (int, float)) else list(spacing)
+        ctrl = [max(1, round(n / s)) + 3 for n, s in zip(shape, sp, strict=False)]
+        domain = grid.world_to_normalized() if (isinstance(grid, Grid) and world) else None
+        return cls(ctrl, batch=batch, domain=domain)
+
+    def identity_params(self, batch: int = 1) -> Tensor:
+        return torch.zeros(batch, *self.param_shape)
+
+    def with_params(self, params: Tensor) -> BSpline:
+        return BSpline(self.control_shape, params=params, domain=self.domain)
+
+    def _displacement_at(self, u: Tensor) -> Tensor:
+        """Displacement ``(N, P, d)`` at field-normalized points ``u`` ``(N or 1, P, d)``."""
+        d = self.ndim
+        coef = self.params.to(u.dtype)
+        n = max(coef.shape[0], u.shape[0])
+        flat = coef.reshape(coef.shape[0], d, -1).expand(n, -1, -1)
+        sizes = list(reversed(self.control_shape))
+        strides = [1]
+        for s in sizes[:-1]:
+            strides.append(strides[-1] * s)
+        base, weights = [], []
+        for a in range(d):
+            t = _to_control_index(u[..., a], sizes[a])
+            i = torch.floor(t)
+            base.append(i.long() - 1)
+            weights.append(cubic_bspline_weights(t - i))
+        out = torch.zeros(n, u.shape[1], d, dtype=u.dtype, device=u.device)
+        for offset in torch.cartesian_prod(*[torch.arange(4)] * d).reshape(-1, d).tolist():
+            lin = 0
+            w = 1.0
+            for a in range(d):
+                lin = lin + (base[a] + offset[a]).clamp(0, sizes[a] - 1) * strides[a]
+                w = w * weights[a][..., offset[a]]
+            gathered = flat.gather(2, lin.expand(n, -1).unsqueeze(1).expand(-1, d, -1))
+            out = out + (w.expand(n, -1).unsqueeze(-1) * gathered.transpose(1, 2))
+        return out
+
+    def forward(self, points: Tensor) -> Tensor:
+        self._check_points(points)
+        flat = points.reshape(points.shape[0], -1, self.ndim)
+        u = apply_affine(self.domain.to(points.device), flat)
+        disp = self._displacement_at(u)
+        return (flat + disp).reshape((disp.shape[0], *points.shape[1:]))
+
+    def displacement(self, out: Sequence[int] | Grid) -> tuple[Tensor, Tensor] | None:
+        """Separable evaluation ``(points (1, *shape, d), displacement (N, *shape, d))`` on an aligned lattice.
+
+        Returns ``None`` when the output lattice's axes are not aligned with the control grid.
+        """
+        dtype, dev = self._dtype(), self._device()
+        pts, index_to_domain = output_lattice(out, dtype, dev)
+        m = self.domain.to(dev) @ index_to_domain
+        d = self.ndim
+        lin = m[:d, :d]
+        if not torch.allclose(lin, torch.diag(torch.diagonal(lin)), atol=1e-9):
+            return None
+        shape = pts.shape[1:-1]
+        field = self.params
+        # Contract one spatial axis at a time: (N, d, c_z, c_y, c_x) -> (N, d, n_z, n_y, n_x).
+        for a in range(d):
+            n_out = shape[d - 1 - a]
+            u = (m[a, a] * torch.arange(n_out, dtype=torch.float64, device=dev) + m[a, d]).to(dtype)
+            basis = _basis_matrix(u, self.control_shape[d - 1 - a])
+            field = torch.movedim(torch.movedim(field, 2 + (d - 1 - a), -1) @ basis.T, -1, 2 + (d - 1 - a))
+        return pts, torch.movedim(field, 1, -1)
+
+    def sampling_grid(self, out: Sequence[int] | Grid, source: Grid | None = None) -> Tensor:
+        separable = self.displacement(out)
+        if separable is None:
+            return super().sampling_grid(out, source)
+        if isinstance(out, Grid) and source is None:
+            raise ValueError("a world-space output Grid needs the source Grid too")
+        pts, disp = separable
+        mapped = pts + disp
+        if source is not None:
+            mapped = apply_affine(source.world_to_normalized(device=mapped.device), mapped)
+        return mapped

@@ -1,0 +1,176 @@
+"""Dense displacement fields and stationary velocity fields (diffeomorphic by scaling and squaring).
+
+Both store a field ``(N, d, *shape)`` with ``(x, y, z)`` channels on a lattice: the voxel centres of
+``shape`` in the field's normalized coordinates. ``domain`` maps the transform's point space to
+those normalized coordinates (``None``: the point space is that normalized space, the Spatial
+Transformer case; world space: ``grid.world_to_normalized()``). Vectors are in point-space units
+(normalized units, or mm in world space). Between lattice points the field is interpolated
+linearly, with border extension outside.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ..coords import Grid, apply_affine, index_to_normalized_matrix, lattice
+from ..sampler import sample
+from .base import ParametricTransform, Transform, output_lattice
+
+__all__ = ["Displacement", "StationaryVelocity", "compose_fields", "scaling_and_squaring"]
+
+
+def _channels_last(field: Tensor) -> Tensor:
+    return torch.movedim(field, 1, -1)
+
+
+def _channels_first(field: Tensor) -> Tensor:
+    return torch.movedim(field, -1, 1)
+
+
+def _interpolate(field: Tensor, u: Tensor) -> Tensor:
+    """Field ``(N, d, *shape)`` at field-normalized points ``u`` ``(N, ..., d)``, channels last."""
+    d = u.shape[-1]
+    lead = u.shape[:-1]
+    # The sampler wants a d-dimensional point lattice; any point layout is a (P, 1[, 1]) lattice.
+    pts = u.reshape(u.shape[0], -1, *([1] * (d - 1)), d).to(field.dtype)
+    out = sample(field, pts, "linear", "border")
+    return out.reshape(out.shape[0], d, -1).transpose(1, 2).reshape(out.shape[0], *lead[1:], d)
+
+
+def compose_fields(first: Tensor, second: Tensor, vector_map: Tensor) -> Tensor:
+    """Displacement of ``x -> x + a(x) + b(x + a(x))`` on the fields' own lattice.
+
+    Args:
+        first: ``a``, ``(N, d, *shape)``; applied to the lattice points first.
+        second: ``b``, ``(N, d, *shape)``, same lattice.
+        vector_map: ``(d, d)`` linear map from field units to the lattice's normalized units
+            (the linear part of ``domain``).
+    """
+    grid = lattice(tuple(first.shape[2:]), "normalized", first.dtype, first.device).unsqueeze(0)
+    u = grid + _channels_last(first) @ vector_map.to(first.dtype).T
+    return first + _channels_first(_interpolate(second, u))
+
+
+def scaling_and_squaring(velocity: Tensor, steps: int, vector_map: Tensor) -> Tensor:
+    """``exp(v)`` as a displacement: ``u = v / 2^steps``, then ``steps`` times ``u <- u + u(x + u)``.
+
+    Args:
+        velocity: ``(N, d, *shape)``.
+        steps: number of squarings (7 is VoxelMorph's default; more is smoother for large fields).
+        vector_map: ``(d, d)`` linear map from field units to the lattice's normalized units.
+    """
+    u = velocity / (2**steps)
+    for _ in range(steps):
+        u = compose_fields(u, u, vector_map)
+    return u
+
+
+class Displacement(ParametricTransform):
+    """Dense displacement ``T(x) = x + u(x)``; parameters ``(N, d, *shape)``, ``(x, y, z)`` channels.
+
+    Args:
+        shape: array-order lattice shape of the field.
+        domain: ``(d+1, d+1)`` map from point space to the field's normalized coordinates.
+    """
+
+    def __init__(
+        self,
+        shape: Sequence[int],
+        batch: int = 1,
+        params: Tensor | None = None,
+        domain: Tensor | None = None,
+    ) -> None:
+        shape = tuple(int(s) for s in shape)
+        d = len(shape)
+        self.param_shape = (d, *shape)
+        super().__init__(d, batch, params)
+        self.shape = shape
+        dom = torch.eye(d + 1, dtype=torch.float64) if domain is None else torch.as_tensor(domain).double()
+        if dom.shape != (d + 1, d + 1):
+            raise ValueError(f"domain must be a ({d + 1}, {d + 1}) homogeneous matrix, got {tuple(dom.shape)}")
+        self.register_buffer("domain", dom)
+        self._bind(params)
+
+    @classmethod
+    def for_grid(cls, grid: Grid, batch: int = 1) -> Displacement:
+        """A zero displacement (in mm) on a world-space image grid."""
+        return cls(grid.shape, batch=batch, domain=grid.world_to_normalized())
+
+    def identity_params(self, batch: int = 1) -> Tensor:
+        return torch.zeros(batch, *self.param_shape)
+
+    def with_params(self, params: Tensor) -> Displacement:
+        return type(self)(self.shape, params=params, domain=self.domain)
+
+    def field(self) -> Tensor:
+        """The displacement ``(N, d, *shape)`` on the lattice, in point-space units."""
+        return self.params
+
+    def _vector_map(self) -> Tensor:
+        """``(d, d)`` map from point-space vector units to field-normalized units."""
+        return self.domain[: self.ndim, : self.ndim].to(self._dtype())
+
+    def _is_own_lattice(self, index_to_domain: Tensor, shape: Sequence[int]) -> bool:
+        if tuple(shape) != self.shape:
+            return False
+        own = index_to_normalized_matrix(self.shape, device=index_to_domain.device)
+        return bool(torch.allclose(self.domain.to(index_to_domain.device) @ index_to_domain, own, atol=1e-9))
+
+    def forward(self, points: Tensor) -> Tensor:
+        self._check_points(points)
+        u = apply_affine(self.domain.to(points.device), points)
+        return points + _interpolate(self.field(), u).to(points.dtype)
+
+    def sampling_grid(self, out: Sequence[int] | Grid, source: Grid | None = None) -> Tensor:
+        if isinstance(out, Grid) and source is None:
+            raise ValueError("a world-space output Grid needs the source Grid too")
+        pts, index_to_domain = output_lattice(out, self._dtype(), self._device())
+        if self._is_own_lattice(index_to_domain, pts.shape[1:-1]):
+            # On its own lattice the field needs no interpolation: identity is exact.
+            mapped = pts + _channels_last(self.field())
+        else:
+            mapped = self(pts)
+        if source is not None:
+            mapped = apply_affine(source.world_to_normalized(device=mapped.device), mapped)
+        return mapped
+
+    def compose(self, other: Transform) -> Transform:
+        """``self ∘ other``; with another field on the same lattice the result is one field."""
+        if isinstance(other, Displacement) and other.shape == self.shape and torch.equal(other.domain, self.domain):
+            # x -> other(x) then self: u(x) = b(x) + a(x + b(x)).
+            field = compose_fields(other.field(), self.field(), self._vector_map())
+            return Displacement(self.shape, params=field, domain=self.domain)
+        return super().compose(other)
+
+
+class StationaryVelocity(Displacement):
+    """Diffeomorphic ``T = exp(v)`` of a stationary velocity field ``v`` ``(N, d, *shape)``.
+
+    Args:
+        steps: scaling-and-squaring steps.
+    """
+
+    def __init__(
+        self,
+        shape: Sequence[int],
+        batch: int = 1,
+        params: Tensor | None = None,
+        domain: Tensor | None = None,
+        steps: int = 7,
+    ) -> None:
+        super().__init__(shape, batch, params, domain)
+        self.steps = int(steps)
+
+    def with_params(self, params: Tensor) -> StationaryVelocity:
+        return StationaryVelocity(self.shape, params=params, domain=self.domain, steps=self.steps)
+
+    def field(self) -> Tensor:
+        """The displacement ``exp(v) - id`` ``(N, d, *shape)`` on the lattice."""
+        return scaling_and_squaring(self.params, self.steps, self._vector_map())
+
+    def inverse(self) -> StationaryVelocity:
+        """``exp(-v)``: the exact inverse of the continuous flow."""
+        return self.with_params(-self.params)

@@ -1,0 +1,258 @@
+"""Matrix families: translation, rigid, similarity, attention, affine and projective.
+
+Each family builds a homogeneous ``(N, d+1, d+1)`` matrix ``M`` acting on column vectors
+``[x, y, (z), 1]`` of domain points (``x, y, z`` order). An optional fixed ``center`` ``c`` (ITK's
+"center of rotation") makes the map ``x -> L (x - c) + c + t``; it conditions optimization in world
+space and never changes the set of reachable maps. Inverses and compositions are exact.
+
+Parameter layouts (per batch item):
+
+=============  ==========================================  =====================================
+family         2D                                          3D
+=============  ==========================================  =====================================
+Translation    ``(tx, ty)``                                ``(tx, ty, tz)``
+Rigid          ``(angle, tx, ty)``, angle in radians       ``(rx, ry, rz, tx, ty, tz)``, rotation vector
+Similarity     ``(angle, scale, tx, ty)``                  ``(rx, ry, rz, scale, tx, ty, tz)``
+Attention      ``(scale, tx, ty)`` (the paper's            ``(scale, tx, ty, tz)``
+               co-localization transform)
+Affine         ``(2, 3)`` matrix ``[A | t]`` (the paper's θ)  ``(3, 4)``
+Projective     8 entries of ``H`` with ``H[2, 2] = 1``     15 entries of ``H`` with ``H[3, 3] = 1``
+=============  ==========================================  =====================================
+
+A rotation vector ``w`` rotates by ``|w|`` radians about ``w / |w|`` (``R = exp([w]_x)``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..coords import Grid, apply_affine, normalized_to_index_matrix
+from .base import Composite, ParametricTransform, Transform, output_lattice
+
+__all__ = [
+    "Affine",
+    "Attention",
+    "MatrixTransform",
+    "Projective",
+    "Rigid",
+    "Similarity",
+    "Translation",
+    "rotation_matrix",
+]
+
+
+def rotation_matrix(rot: Tensor, ndim: int) -> Tensor:
+    """Rotation matrices ``(N, d, d)`` from an angle ``(N, 1)`` (2D) or a rotation vector ``(N, 3)`` (3D)."""
+    if ndim == 2:
+        c, s = torch.cos(rot[:, 0]), torch.sin(rot[:, 0])
+        return torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)
+    wx, wy, wz = rot.unbind(-1)
+    z = torch.zeros_like(wx)
+    skew = torch.stack(
+        [torch.stack([z, -wz, wy], -1), torch.stack([wz, z, -wx], -1), torch.stack([-wy, wx, z], -1)], -2
+    )
+    return torch.linalg.matrix_exp(skew)
+
+
+def _homogeneous(linear: Tensor, translation: Tensor) -> Tensor:
+    n, d = translation.shape
+    m = torch.zeros(n, d + 1, d + 1, dtype=linear.dtype, device=linear.device)
+    m[:, :d, :d] = linear
+    m[:, :d, d] = translation
+    m[:, d, d] = 1.0
+    return m
+
+
+class MatrixTransform(ParametricTransform):
+    """Base of the matrix families; subclasses define :meth:`_core_matrix`."""
+
+    projective = False
+
+    def __init__(
+        self,
+        ndim: int,
+        batch: int = 1,
+        params: Tensor | None = None,
+        center: Sequence[float] | Tensor | None = None,
+    ) -> None:
+        super().__init__(ndim, batch, params)
+        c = torch.zeros(ndim, dtype=torch.float64) if center is None else torch.as_tensor(center).double()
+        if c.shape != (ndim,):
+            raise ValueError(f"center must have {ndim} components, got shape {tuple(c.shape)}")
+        self.register_buffer("center", c, persistent=True)
+        self._bind(params)
+
+    def _core_matrix(self) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def matrix(self) -> Tensor:
+        """Homogeneous ``(N, d+1, d+1)`` matrix in domain coordinates, centre applied."""
+        m = self._core_matrix()
+        c = self.center.to(m.dtype)
+        if not bool((c == 0).all()):
+            d = self.ndim
+            shift = c - m[:, :d, :d] @ c
+            m = m.clone()
+            m[:, :d, d] = m[:, :d, d] + shift
+        return m
+
+    def with_params(self, params: Tensor) -> MatrixTransform:
+        return type(self)(self.ndim, params=params, center=self.center)
+
+    def forward(self, points: Tensor) -> Tensor:
+        self._check_points(points)
+        m = self.matrix().to(points.dtype)
+        if not self.projective:
+            return apply_affine(m, points)
+        d = self.ndim
+        flat = points.reshape(points.shape[0], -1, d)
+        homog = torch.cat([flat, torch.ones_like(flat[..., :1])], -1) @ m.transpose(1, 2)
+        out = homog[..., :d] / homog[..., d:]
+        return out.reshape((out.shape[0], *points.shape[1:]))
+
+    def sampling_grid(self, out: Sequence[int] | Grid, source: Grid | None = None) -> Tensor:
+        """One ``affine_grid`` call: output normalized -> domain -> source normalized, all in one matrix."""
+        if isinstance(out, Grid) and source is None:
+            raise ValueError("a world-space output Grid needs the source Grid too")
+        if self.projective:
+            return super().sampling_grid(out, source)
+        shape = tuple(out.shape if isinstance(out, Grid) else out)
+        _, index_to_domain = output_lattice(out, torch.float64, self._device())
+        dev = self._device()
+        pre = index_to_domain @ normalized_to_index_matrix(shape, device=dev)
+        post = source.world_to_normalized(device=dev) if source is not None else None
+        m = self.matrix()
+        # Compose in float64 so world-space offsets of hundreds of mm lose no precision.
+        theta = m.double() @ pre
+        theta = (post @ theta) if post is not None else theta
+        theta = theta.to(self._dtype())[:, : self.ndim, :]
+        return F.affine_grid(theta, [theta.shape[0], 1, *shape], align_corners=False)
+
+    def compose(self, other: Transform) -> Transform:
+        if isinstance(other, MatrixTransform):
+            m = self.matrix() @ other.matrix().to(self.matrix().dtype)
+            cls = Projective if (self.projective or other.projective) else Affine
+            return cls.from_matrix(m)
+        return Composite([self, other])
+
+    def inverse(self) -> MatrixTransform:
+        m = torch.linalg.inv(self.matrix())
+        return (Projective if self.projective else Affine).from_matrix(m)
+
+
+class Translation(MatrixTransform):
+    """Translation ``x -> x + t``; parameters ``(N, d)``."""
+
+    def __init__(self, ndim: int, batch: int = 1, params: Tensor | None = None, center=None) -> None:
+        self.param_shape = (ndim,)
+        super().__init__(ndim, batch, params, center)
+
+    def identity_params(self, batch: int = 1) -> Tensor:
+        return torch.zeros(batch, self.ndim)
+
+    def _core_matrix(self) -> Tensor:
+        p = self.params
+        eye = torch.eye(self.ndim, dtype=p.dtype, device=p.device).expand(p.shape[0], -1, -1)
+        return _homogeneous(eye, p)
+
+
+class Rigid(MatrixTransform):
+    """Rotation then translation; parameters ``(N, 3)`` in 2D, ``(N, 6)`` in 3D (see module table)."""
+
+    def __init__(self, ndim: int, batch: int = 1, params: Tensor | None = None, center=None) -> None:
+        self.param_shape = (3 if ndim == 2 else 6,)
+        super().__init__(ndim, batch, params, center)
+
+    def identity_params(self, batch: int = 1) -> Tensor:
+        return torch.zeros(batch, self.param_shape[0])
+
+    def _core_matrix(self) -> Tensor:
+        r = 1 if self.ndim == 2 else 3
+        return _homogeneous(rotation_matrix(self.params[:, :r], self.ndim), self.params[:, r:])
+
+
+class Similarity(MatrixTransform):
+    """Isotropic scale, rotation and translation; ``(N, 4)`` in 2D, ``(N, 7)`` in 3D."""
+
+    def __init__(self, ndim: int, batch: int = 1, params: Tensor | None = None, center=None) -> None:
+        self.param_shape = (4 if ndim == 2 else 7,)
+        super().__init__(ndim, batch, params, center)
+
+    def identity_params(self, batch: int = 1) -> Tensor:
+        p = torch.zeros(batch, self.param_shape[0])
+        p[:, 1 if self.ndim == 2 else 3] = 1.0
+        return p
+
+    def _core_matrix(self) -> Tensor:
+        r = 1 if self.ndim == 2 else 3
+        rot = rotation_matrix(self.params[:, :r], self.ndim)
+        scale = self.params[:, r : r + 1].unsqueeze(-1)
+        return _homogeneous(rot * scale, self.params[:, r + 1 :])
+
+
+class Attention(MatrixTransform):
+    """Isotropic scale and translation ``x -> s x + t`` (the paper's attention transform); ``(N, d+1)``."""
+
+    def __init__(self, ndim: int, batch: int = 1, params: Tensor | None = None, center=None) -> None:
+        self.param_shape = (ndim + 1,)
+        super().__init__(ndim, batch, params, center)
+
+    def identity_params(self, batch: int = 1) -> Tensor:
+        p = torch.zeros(batch, self.ndim + 1)
+        p[:, 0] = 1.0
+        return p
+
+    def _core_matrix(self) -> Tensor:
+        p = self.params
+        eye = torch.eye(self.ndim, dtype=p.dtype, device=p.device)
+        return _homogeneous(eye * p[:, :1].unsqueeze(-1), p[:, 1:])
+
+
+class Affine(MatrixTransform):
+    """General affine ``x -> A x + t``; parameters ``(N, d, d+1)`` = ``[A | t]`` (flat ``(N, d(d+1))`` accepted)."""
+
+    def __init__(self, ndim: int, batch: int = 1, params: Tensor | None = None, center=None) -> None:
+        self.param_shape = (ndim, ndim + 1)
+        super().__init__(ndim, batch, params, center)
+
+    def identity_params(self, batch: int = 1) -> Tensor:
+        return torch.eye(self.ndim, self.ndim + 1).expand(batch, -1, -1).clone()
+
+    def _core_matrix(self) -> Tensor:
+        p = self.params
+        return _homogeneous(p[:, :, : self.ndim], p[:, :, self.ndim])
+
+    @classmethod
+    def from_matrix(cls, matrix: Tensor) -> Affine:
+        """Wrap a homogeneous ``(N, d+1, d+1)`` matrix (its last row must be ``[0, ..., 0, 1]``)."""
+        d = matrix.shape[-1] - 1
+        return cls(d, params=matrix[:, :d, :])
+
+
+class Projective(MatrixTransform):
+    """Homography ``x -> (A x + t) / (p . x + 1)``; parameters ``(N, (d+1)^2 - 1)``, row-major ``H``."""
+
+    projective = True
+
+    def __init__(self, ndim: int, batch: int = 1, params: Tensor | None = None, center=None) -> None:
+        self.param_shape = ((ndim + 1) ** 2 - 1,)
+        super().__init__(ndim, batch, params, center)
+
+    def identity_params(self, batch: int = 1) -> Tensor:
+        return torch.eye(self.ndim + 1).reshape(-1)[:-1].expand(batch, -1).clone()
+
+    def _core_matrix(self) -> Tensor:
+        p = self.params
+        one = torch.ones(p.shape[0], 1, dtype=p.dtype, device=p.device)
+        return torch.cat([p, one], 1).reshape(p.shape[0], self.ndim + 1, self.ndim + 1)
+
+    @classmethod
+    def from_matrix(cls, matrix: Tensor) -> Projective:
+        """Wrap a homogeneous ``(N, d+1, d+1)`` matrix, normalized so that ``H[d, d] = 1``."""
+        d = matrix.shape[-1] - 1
+        h = matrix / matrix[:, d : d + 1, d : d + 1]
+        return cls(d, params=h.reshape(h.shape[0], -1)[:, :-1])

@@ -1,0 +1,120 @@
+"""Thin-plate spline transforms in 2D and 3D.
+
+The map is ``T(x) = x + a_0 + A x + sum_k w_k U(|x - c_k|)`` over ``K`` fixed control points
+``c_k``, fitted so that ``T(c_k) = y_k`` (exactly for ``regularization = 0``, smoothed otherwise).
+Kernels: ``U(r) = r^2 log r^2`` in 2D with ``U(0) = 0`` set explicitly (``0 log 0`` is NaN), and the
+3D biharmonic kernel ``U(r) = r``.
+
+Parameters are the target positions ``y`` of the control points, ``(N, K, d)`` in ``(x, y, z)``
+order, so the identity parameters are the control points themselves (the Spatial Transformer's
+identity bias). Internally the spline is fitted to the displacements ``y - c``, so identity
+parameters give exactly the identity map.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .._checks import check_finite
+from .base import ParametricTransform
+
+__all__ = ["ThinPlateSpline", "tps_kernel", "uniform_control_points"]
+
+
+def tps_kernel(sq_dist: Tensor, ndim: int) -> Tensor:
+    """Radial basis ``U`` from squared distances; ``U(0) = 0`` with a finite gradient."""
+    positive = sq_dist > 0
+    safe = torch.where(positive, sq_dist, torch.ones_like(sq_dist))
+    if ndim == 2:
+        return sq_dist * torch.log(safe)
+    return torch.where(positive, torch.sqrt(safe), torch.zeros_like(sq_dist))
+
+
+def _sq_dist(a: Tensor, b: Tensor) -> Tensor:
+    """Squared distances ``(..., P, K)`` between points ``(..., P, d)`` and ``(K, d)``."""
+    return (a.unsqueeze(-2) - b).square().sum(-1)
+
+
+def uniform_control_points(shape: Sequence[int], extent: float = 1.0) -> Tensor:
+    """A regular lattice of control points ``(K, d)`` spanning ``[-extent, extent]`` per axis.
+
+    Args:
+        shape: points per axis, array order (``(4, 4)`` gives the paper's 16-point 2D TPS).
+    """
+    axes = [torch.linspace(-extent, extent, int(n)) for n in shape]
+    mesh = torch.meshgrid(*axes, indexing="ij")
+    return torch.stack(list(reversed(mesh)), -1).reshape(-1, len(shape))
+
+
+class ThinPlateSpline(ParametricTransform):
+    """Thin-plate spline through ``K`` control points; parameters ``(N, K, d)`` (target positions).
+
+    Args:
+        control_points: ``(K, d)`` control points in domain coordinates (``K >= d + 1``, not all
+            on one hyperplane).
+        regularization: ``λ >= 0`` added to the kernel's diagonal; larger is smoother and no longer
+            interpolates the targets exactly.
+    """
+
+    def __init__(
+        self,
+        control_points: Tensor,
+        batch: int = 1,
+        params: Tensor | None = None,
+        regularization: float = 0.0,
+    ) -> None:
+        cp = torch.as_tensor(control_points, dtype=torch.float64)
+        if cp.dim() != 2 or cp.shape[1] not in (2, 3):
+            raise ValueError(f"control_points must be (K, 2) or (K, 3), got {tuple(cp.shape)}")
+        check_finite(cp, "control_points")
+        k, d = cp.shape
+        if k < d + 1:
+            raise ValueError(f"a {d}D thin-plate spline needs at least {d + 1} control points, got {k}")
+        if regularization < 0:
+            raise ValueError(f"regularization must be >= 0, got {regularization}")
+        self.param_shape = (k, d)
+        super().__init__(d, batch, params)
+        self.regularization = float(regularization)
+        system = torch.zeros(k + d + 1, k + d + 1, dtype=torch.float64)
+        system[:k, :k] = tps_kernel(_sq_dist(cp, cp), d) + self.regularization * torch.eye(k, dtype=torch.float64)
+        poly = torch.cat([torch.ones(k, 1, dtype=torch.float64), cp], 1)
+        system[:k, k:] = poly
+        system[k:, :k] = poly.T
+        if torch.linalg.matrix_rank(system) < k + d + 1:
+            raise ValueError("control points are degenerate (collinear/coplanar): the TPS system is singular")
+        # Only the columns that multiply the targets are needed; the affine constraints' right side is 0.
+        # Kept in float64 (cast at use) so that float64 parameters get a float64-exact fit.
+        self.register_buffer("solve", torch.linalg.inv(system)[:, :k])
+        self.register_buffer("control_points", cp)
+        self._bind(params)
+
+    def identity_params(self, batch: int = 1) -> Tensor:
+        return self.control_points.to(torch.get_default_dtype()).expand(batch, -1, -1).clone()
+
+    def with_params(self, params: Tensor) -> ThinPlateSpline:
+        new = ThinPlateSpline.__new__(ThinPlateSpline)
+        ParametricTransform.__init__(new, self.ndim, params.shape[0], params)
+        new.param_shape = self.param_shape
+        new.regularization = self.regularization
+        new.register_buffer("solve", self.solve)
+        new.register_buffer("control_points", self.control_points)
+        new._bind(params)
+        return new
+
+    def coefficients(self) -> Tensor:
+        """``(N, K + d + 1, d)``: kernel weights ``w`` then the affine part ``[a_0; A^T]`` of the displacement."""
+        disp = self.params - self.control_points.to(self.params.dtype)
+        return self.solve.to(disp.dtype) @ disp
+
+    def forward(self, points: Tensor) -> Tensor:
+        self._check_points(points)
+        k, d = self.param_shape
+        coef = self.coefficients().to(points.dtype)
+        flat = points.reshape(points.shape[0], -1, d)
+        cp = self.control_points.to(points.dtype)
+        basis = tps_kernel(_sq_dist(flat, cp), d)
+        disp = basis @ coef[:, :k] + coef[:, k : k + 1] + flat @ coef[:, k + 1 :]
+        return (flat + disp).reshape((disp.shape[0], *points.shape[1:]))

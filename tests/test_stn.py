@@ -1,0 +1,80 @@
+import pytest
+import torch
+from torch import nn
+
+from stnreg import (
+    Affine,
+    Attention,
+    LocalizationCNN,
+    MultiSpatialTransformer,
+    Projective,
+    SpatialTransformer,
+    ThinPlateSpline,
+    uniform_control_points,
+)
+
+
+@pytest.mark.parametrize(
+    "transform",
+    [Affine(2), Projective(2), Attention(2), ThinPlateSpline(uniform_control_points((4, 4)))],
+    ids=["affine", "projective", "attention", "tps"],
+)
+def test_identity_initialized_and_trainable(transform):
+    loc = LocalizationCNN(1, 2, channels=(8,), features=16)
+    stn = SpatialTransformer(loc, transform, features=16)
+    x = torch.rand(3, 1, 28, 28)
+    out = stn(x)
+    torch.testing.assert_close(out, x, atol=1e-5, rtol=0)
+    out.square().mean().backward()
+    assert stn.head.weight.grad is not None and stn.head.weight.grad.abs().sum() > 0
+    # With zero head weights, the localization net gets no gradient until the head moves.
+    assert torch.isfinite(stn.head.bias.grad).all()
+
+
+def test_output_size_and_3d():
+    loc = LocalizationCNN(2, 3, channels=(4,), features=8)
+    stn = SpatialTransformer(loc, Affine(3), features=8, output_size=(6, 7, 8))
+    x = torch.rand(2, 2, 10, 12, 14)
+    assert stn(x).shape == (2, 2, 6, 7, 8)
+    with pytest.raises(ValueError, match="3D transformer"):
+        stn(torch.rand(2, 2, 10, 12))
+
+
+def test_loc_input_and_multi_transformer():
+    def make():
+        return SpatialTransformer(
+            nn.Sequential(nn.Flatten(), nn.Linear(2 * 16 * 16, 8), nn.ReLU()), Affine(2), 8, output_size=(8, 8)
+        )
+
+    multi = MultiSpatialTransformer([make(), make()])
+    x = torch.rand(4, 2, 16, 16)
+    out = multi(x)
+    assert out.shape == (4, 4, 8, 8)
+    # A transformer that sees one input but warps another (registration: look at the pair, warp moving).
+    stn = SpatialTransformer(nn.Sequential(nn.Flatten(), nn.Linear(2 * 16 * 16, 8)), Affine(2), 8)
+    moving = torch.rand(4, 1, 16, 16)
+    assert stn(moving, loc_input=x).shape == (4, 1, 16, 16)
+
+
+def test_learns_a_translation():
+    """End to end: the STN learns to undo a fixed shift of its inputs."""
+    torch.manual_seed(0)
+    from helpers import smooth_image
+
+    base = torch.cat([smooth_image((24, 24), seed=s, dtype=torch.float32) for s in range(8)])
+    shifted = torch.roll(base, shifts=3, dims=-1)
+    stn = SpatialTransformer(nn.Sequential(nn.Flatten(), nn.Linear(24 * 24, 16), nn.Tanh()), Affine(2), 16)
+    opt = torch.optim.Adam(stn.parameters(), lr=3e-3)
+    first = None
+    for _ in range(200):
+        opt.zero_grad()
+        loss = (stn(shifted) - base)[..., 4:-4, 4:-4].square().mean()
+        first = first if first is not None else float(loss.detach())
+        loss.backward()
+        opt.step()
+    assert float(loss.detach()) < 0.2 * first
+
+
+def test_rejects_non_family():
+    with pytest.raises(TypeError, match="ParametricTransform"):
+        SpatialTransformer(nn.Identity(), nn.Identity(), 4)
