@@ -13,6 +13,7 @@ order in which an ITK ``CompositeTransform`` adds them (ITK applies the last add
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -24,23 +25,37 @@ from ..coords import Grid, apply_affine, index_to_normalized_matrix, lattice
 __all__ = ["Composite", "NumericalInverse", "ParametricTransform", "Transform"]
 
 
+def index_to_domain(out: Sequence[int] | Grid, device: torch.device | str | None = None) -> Tensor:
+    """Homogeneous ``(d+1, d+1)`` float64 map from output index to domain space.
+
+    A shape means the normalized domain; a :class:`Grid` means world space.
+    """
+    if isinstance(out, Grid):
+        return out.index_to_world(device=device)
+    return index_to_normalized_matrix(tuple(int(s) for s in out), device=device)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_lattice(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    return lattice(shape, "normalized", dtype, device).unsqueeze(0)
+
+
 def output_lattice(
     out: Sequence[int] | Grid, dtype: torch.dtype, device: torch.device | str | None
 ) -> tuple[Tensor, Tensor]:
-    """Voxel-centre points of the output and the homogeneous map from output index to domain space.
+    """Voxel-centre points of the output in domain space and the index-to-domain map.
 
-    A shape means the normalized domain; a :class:`Grid` means world space.
+    Normalized lattices are cached (iterative registration asks for the same one every step), so
+    callers must not modify the returned points in place.
 
     Returns:
         ``(points (1, *shape, d), index_to_domain (d+1, d+1) float64)``.
     """
+    m = index_to_domain(out, device)
     if isinstance(out, Grid):
-        m = out.index_to_world(device=device)
         pts = apply_affine(m, lattice(out.shape, "index", torch.float64, device)).to(dtype)
         return pts.unsqueeze(0), m
-    shape = tuple(int(s) for s in out)
-    m = index_to_normalized_matrix(shape, device=device)
-    return lattice(shape, "normalized", dtype, device).unsqueeze(0), m
+    return _cached_lattice(tuple(int(s) for s in out), dtype, torch.device(device or "cpu")), m
 
 
 class Transform(nn.Module):

@@ -15,9 +15,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ..coords import Grid, apply_affine, index_to_normalized_matrix, lattice
+from ..coords import Grid, apply_affine, index_to_normalized_matrix
 from ..sampler import sample
-from .base import ParametricTransform, Transform, output_lattice
+from .base import ParametricTransform, Transform, _cached_lattice, output_lattice
 
 __all__ = ["Displacement", "StationaryVelocity", "compose_fields", "scaling_and_squaring"]
 
@@ -49,7 +49,7 @@ def compose_fields(first: Tensor, second: Tensor, vector_map: Tensor) -> Tensor:
         vector_map: ``(d, d)`` linear map from field units to the lattice's normalized units
             (the linear part of ``domain``).
     """
-    grid = lattice(tuple(first.shape[2:]), "normalized", first.dtype, first.device).unsqueeze(0)
+    grid = _cached_lattice(tuple(first.shape[2:]), first.dtype, first.device)
     u = grid + _channels_last(first) @ vector_map.to(first.dtype).T
     return first + _channels_first(_interpolate(second, u))
 

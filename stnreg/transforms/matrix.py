@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..coords import Grid, apply_affine, normalized_to_index_matrix
-from .base import Composite, ParametricTransform, Transform, output_lattice
+from .base import Composite, ParametricTransform, Transform, index_to_domain
 
 __all__ = [
     "Affine",
@@ -84,6 +84,7 @@ class MatrixTransform(ParametricTransform):
         if c.shape != (ndim,):
             raise ValueError(f"center must have {ndim} components, got shape {tuple(c.shape)}")
         self.register_buffer("center", c, persistent=True)
+        self._centered = bool(c.any())
         self._bind(params)
 
     def _core_matrix(self) -> Tensor:  # pragma: no cover - abstract
@@ -92,8 +93,8 @@ class MatrixTransform(ParametricTransform):
     def matrix(self) -> Tensor:
         """Homogeneous ``(N, d+1, d+1)`` matrix in domain coordinates, centre applied."""
         m = self._core_matrix()
-        c = self.center.to(m.dtype)
-        if not bool((c == 0).all()):
+        if self._centered:
+            c = self.center.to(m.dtype)
             d = self.ndim
             shift = c - m[:, :d, :d] @ c
             m = m.clone()
@@ -121,15 +122,14 @@ class MatrixTransform(ParametricTransform):
         if self.projective:
             return super().sampling_grid(out, source)
         shape = tuple(out.shape if isinstance(out, Grid) else out)
-        _, index_to_domain = output_lattice(out, torch.float64, self._device())
-        dev = self._device()
-        pre = index_to_domain @ normalized_to_index_matrix(shape, device=dev)
-        post = source.world_to_normalized(device=dev) if source is not None else None
         m = self.matrix()
-        # Compose in float64 so world-space offsets of hundreds of mm lose no precision.
-        theta = m.double() @ pre
-        theta = (post @ theta) if post is not None else theta
-        theta = theta.to(self._dtype())[:, : self.ndim, :]
+        if isinstance(out, Grid):
+            # Output normalized -> world -> T -> source normalized, composed in float64 so that world
+            # offsets of hundreds of mm lose no precision.
+            dev = self._device()
+            pre = index_to_domain(out, dev) @ normalized_to_index_matrix(shape, device=dev)
+            m = source.world_to_normalized(device=dev) @ (m.double() @ pre)
+        theta = m.to(self._dtype())[:, : self.ndim, :]
         return F.affine_grid(theta, [theta.shape[0], 1, *shape], align_corners=False)
 
     def compose(self, other: Transform) -> Transform:

@@ -1,0 +1,76 @@
+"""GPU check: every family and sampler mode on CUDA agrees with the CPU reference.
+
+One short script for a scarce GPU: run it, then ``benchmarks/sampler.py --device cuda``.
+Prints one line per check and exits non-zero on any disagreement; writes
+``benchmarks/results/gpu_check.md``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+import stnreg
+from stnreg import BSpline, Displacement, StationaryVelocity, ThinPlateSpline, uniform_control_points
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def family(name: str, ndim: int, shape: tuple[int, ...]) -> stnreg.ParametricTransform:
+    if name == "tps":
+        return ThinPlateSpline(uniform_control_points((3,) * ndim, 0.8))
+    if name == "bspline":
+        return BSpline((6,) * ndim)
+    if name == "displacement":
+        return Displacement(shape)
+    if name == "svf":
+        return StationaryVelocity(shape)
+    return stnreg.FAMILIES[name](ndim)
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("no CUDA device: nothing to check")
+        return 1
+    card = torch.cuda.get_device_name()
+    lines = [f"# GPU check on {card} (torch {torch.__version__})", ""]
+    lines += ["| check | max abs diff CPU vs CUDA |", "|---|---:|"]
+    failures = 0
+    g = torch.Generator().manual_seed(0)
+    for ndim, shape in ((2, (40, 48)), (3, (20, 24, 28))):
+        image = torch.rand(2, 2, *shape, generator=g)
+        for name in stnreg.FAMILIES:
+            t = family(name, ndim, shape)
+            p = t.identity_params(2) + 0.03 * torch.randn(2, *t.param_shape, generator=g)
+            ref = stnreg.warp(image, t.with_params(p), padding="border")
+            p_cuda = p.cuda().requires_grad_()
+            out = stnreg.warp(image.cuda(), t.cuda().with_params(p_cuda), padding="border")
+            out.sum().backward()
+            diff = float((out.detach().cpu() - ref).abs().max())
+            ok = diff < 1e-4 and bool(torch.isfinite(p_cuda.grad).all())
+            failures += not ok
+            lines.append(f"| {ndim}D {name} warp + grad | {diff:.2e}{'' if ok else ' FAIL'} |")
+        labels = torch.randint(0, 5, (1, 1, *shape), generator=g)
+        coords = stnreg.lattice(shape).unsqueeze(0) * 0.9
+        for mode in ("nearest", "label"):
+            ref = stnreg.sample(labels, coords, mode)
+            out = stnreg.sample(labels.cuda(), coords.cuda(), mode).cpu()
+            mism = int((out != ref).sum())
+            failures += mism > 0
+            lines.append(f"| {ndim}D {mode} labels, mismatched voxels | {mism}{'' if mism == 0 else ' FAIL'} |")
+        small = stnreg.lattice(tuple(s // 3 for s in shape)).unsqueeze(0)
+        ref = stnreg.sample(image, small, antialias=True)
+        diff = float((stnreg.sample(image.cuda(), small.cuda(), antialias=True).cpu() - ref).abs().max())
+        failures += diff > 1e-4
+        lines.append(f"| {ndim}D anti-aliased shrink | {diff:.2e}{'' if diff < 1e-4 else ' FAIL'} |")
+    text = "\n".join(lines) + f"\n\n{'all passed' if failures == 0 else f'{failures} FAILED'}\n"
+    print(text)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "gpu_check.md").write_text(text)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,277 @@
+"""Sampler benchmark: stnreg against grid_sample, Kornia and MONAI, in the same run.
+
+For affine and dense warps at (128,1,60,60), (1,1,256,256) and (1,1,160,192,224), times the
+forward pass and forward+backward (gradients to the image and to the warp's parameters or
+coordinates), the peak extra memory of one forward+backward, and the achieved bytes per second
+(image read + coordinates read + output written) against a plain copy of the same number of bytes.
+Ratios are against ``grid_sample`` measured in the same run.
+
+    python benchmarks/sampler.py [--threads 1] [--repeats 5] [--device cpu|cuda] [--quick]
+
+Writes ``benchmarks/results/sampler[-<device>].md`` and ``.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import stnreg
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SHAPES = [(128, 1, 60, 60), (1, 1, 256, 256), (1, 1, 160, 192, 224)]
+QUICK_SHAPES = [(32, 1, 60, 60), (1, 1, 128, 128), (1, 1, 48, 56, 64)]
+
+
+def _theta(n: int, d: int, device: str) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    theta = torch.eye(d, d + 1).expand(n, -1, -1) + 0.05 * torch.randn(n, d, d + 1, generator=g)
+    return theta.to(device)
+
+
+def _ddf(shape: tuple[int, ...], device: str) -> torch.Tensor:
+    """A smooth displacement (N, d, *spatial) in normalized units, a few voxels large."""
+    n, _, *sp = shape
+    d = len(sp)
+    g = torch.Generator().manual_seed(1)
+    coarse = torch.randn(n, d, *[4] * d, generator=g) * 0.03
+    mode = "bilinear" if d == 2 else "trilinear"
+    return F.interpolate(coarse, size=tuple(sp), mode=mode, align_corners=False).to(device)
+
+
+def methods(kind: str, shape: tuple[int, ...], device: str) -> dict[str, Callable[[], tuple]]:
+    """Each entry builds fresh inputs and returns (fn, inputs needing grad, bytes moved by one forward)."""
+    n, c, *sp = shape
+    d = len(sp)
+    image_bytes = n * c * torch.Size(sp).numel() * 4
+    grid_bytes = n * torch.Size(sp).numel() * d * 4
+    moved = 2 * image_bytes + grid_bytes
+
+    def image():
+        return torch.rand(shape, device=device, requires_grad=True)
+
+    out: dict[str, Callable[[], tuple]] = {}
+    if kind == "affine":
+
+        def gs():
+            x, th = image(), _theta(n, d, device).requires_grad_()
+
+            def fn():
+                return F.grid_sample(x, F.affine_grid(th, list(shape), align_corners=False), align_corners=False)
+
+            return fn, (x, th)
+
+        def ours():
+            x, th = image(), _theta(n, d, device).requires_grad_()
+            family = stnreg.Affine(d).to(device)
+            return (lambda: stnreg.warp(x, family.with_params(th))), (x, th)
+
+        def kornia_():
+            import kornia.geometry.transform as kt
+
+            x = image()
+            # Kornia takes the matrix in pixel coordinates (corner-aligned); its cost does not depend on values.
+            m = _theta(n, d, device).requires_grad_()
+            if d == 2:
+                return (lambda: kt.warp_affine(x, m, tuple(sp), align_corners=False)), (x, m)
+            return (lambda: kt.warp_affine3d(x, m, tuple(sp), align_corners=False)), (x, m)
+
+        out = {"grid_sample": gs, "stnreg.warp(Affine)": ours, "kornia.warp_affine": kornia_}
+    else:
+
+        def coords():
+            return stnreg.lattice(tuple(sp), device=device).unsqueeze(0) + torch.movedim(_ddf(shape, device), 1, -1)
+
+        def gs():
+            x, g = image(), coords().requires_grad_()
+            return (lambda: F.grid_sample(x, g, align_corners=False)), (x, g)
+
+        def sampler():
+            x, g = image(), coords().requires_grad_()
+            return (lambda: stnreg.sample(x, g)), (x, g)
+
+        def ours():
+            x, u = image(), _ddf(shape, device).requires_grad_()
+            family = stnreg.Displacement(tuple(sp)).to(device)
+            return (lambda: stnreg.warp(x, family.with_params(u))), (x, u)
+
+        def monai_():
+            from monai.networks.blocks import Warp
+
+            warp = Warp(mode="bilinear", padding_mode="zeros")
+            x = image()
+            u = stnreg.xyz_to_array_order(stnreg.displacement_normalized_to_index(_ddf(shape, device)))
+            u = u.detach().requires_grad_()
+            return (lambda: warp(x, u)), (x, u)
+
+        out = {
+            "grid_sample": gs,
+            "stnreg.sample": sampler,
+            "stnreg.warp(Displacement)": ours,
+            "monai.Warp": monai_,
+        }
+    return {k: (v, moved) for k, v in out.items()}
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time(fn: Callable[[], None], device: str) -> float:
+    _sync(device)
+    t = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t
+
+
+def measure(table: dict[str, tuple], device: str, repeats: int) -> dict[str, dict[str, float]]:
+    """Median times per method, the methods interleaved round by round so that drift hits all alike."""
+    runs = {}
+    for name, (build, _) in table.items():
+        fn, inputs = build()
+
+        def fwd(fn=fn):
+            with torch.no_grad():
+                fn()
+
+        def fwd_bwd(fn=fn, inputs=inputs):
+            for t in inputs:
+                t.grad = None
+            fn().sum().backward()
+
+        fwd(), fwd_bwd()  # warm-up
+        runs[name] = (fwd, fwd_bwd)
+    times = {name: {"fwd_s": [], "fwd_bwd_s": []} for name in table}
+    for _ in range(repeats):
+        for name, (fwd, fwd_bwd) in runs.items():
+            times[name]["fwd_s"].append(_time(fwd, device))
+            times[name]["fwd_bwd_s"].append(_time(fwd_bwd, device))
+    return {name: {k: statistics.median(v) for k, v in t.items()} for name, t in times.items()}
+
+
+def copy_time(nbytes: int, device: str, repeats: int) -> float:
+    src = torch.empty(nbytes // 8, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    # A copy of nbytes/2 reads nbytes/2 and writes nbytes/2: nbytes moved in all.
+    return statistics.median(_time(lambda: dst.copy_(src), device) for _ in range(repeats))
+
+
+def peak_memory(kind: str, shape: tuple[int, ...], name: str, device: str, threads: int) -> float:
+    """Peak extra memory (MiB) of one forward+backward, measured in a fresh process."""
+    if device == "cuda":
+        build = methods(kind, shape, device)[name][0]
+        fn, _ = build()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn().sum().backward()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    cmd = [sys.executable, __file__, "--probe", kind, ",".join(map(str, shape)), name, "--threads", str(threads)]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return float(res.stdout.strip().splitlines()[-1])
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def probe(kind: str, shape: tuple[int, ...], name: str) -> None:
+    """Print the peak RSS growth (MiB) of one forward+backward in this fresh process (Linux)."""
+    build = methods(kind, shape, "cpu")[name][0]
+    fn, _ = build()
+    base = _status_kib("VmRSS")
+    # Writing 5 to clear_refs resets the peak-RSS mark, so import-time peaks do not hide the warp's.
+    Path("/proc/self/clear_refs").write_text("5")
+    fn().sum().backward()
+    print((_status_kib("VmHWM") - base) / 1024)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--quick", action="store_true", help="small shapes, for a smoke run")
+    ap.add_argument("--probe", nargs=3, metavar=("KIND", "SHAPE", "NAME"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.probe:
+        kind, shape, name = args.probe
+        probe(kind, tuple(int(s) for s in shape.split(",")), name)
+        return
+    device = args.device
+    card = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
+    rows = []
+    for shape in QUICK_SHAPES if args.quick else SHAPES:
+        for kind in ("affine", "dense"):
+            table = methods(kind, shape, device)
+            copy_s = copy_time(next(iter(table.values()))[1], device, args.repeats)
+            timed = measure(table, device, args.repeats)
+            base = timed["grid_sample"]
+            for name, (_, moved) in table.items():
+                r = timed[name]
+                mem = peak_memory(kind, shape, name, device, args.threads)
+                rows.append(
+                    {
+                        "shape": "x".join(map(str, shape)),
+                        "warp": kind,
+                        "method": name,
+                        "fwd_ms": 1e3 * r["fwd_s"],
+                        "fwd_bwd_ms": 1e3 * r["fwd_bwd_s"],
+                        "fwd_ratio": r["fwd_s"] / base["fwd_s"],
+                        "fwd_bwd_ratio": r["fwd_bwd_s"] / base["fwd_bwd_s"],
+                        "peak_mib": mem,
+                        "fwd_gbps": moved / r["fwd_s"] / 1e9,
+                        "copy_gbps": moved / copy_s / 1e9,
+                    }
+                )
+                print(
+                    f"{rows[-1]['shape']:>15} {kind:6} {name:27} fwd {rows[-1]['fwd_ms']:9.2f} ms "
+                    f"({rows[-1]['fwd_ratio']:.2f}x)  fwd+bwd {rows[-1]['fwd_bwd_ms']:9.2f} ms "
+                    f"({rows[-1]['fwd_bwd_ratio']:.2f}x)  peak {mem:8.1f} MiB",
+                    flush=True,
+                )
+    header = (
+        f"# Sampler benchmark ({device}: {card}, torch {torch.__version__}, {args.threads} thread(s), "
+        f"median of {args.repeats})\n\n"
+        "Ratios are against `grid_sample` (with `affine_grid` for affine warps) in the same run; "
+        "GB/s counts image read + coordinates read + output written in the forward pass, next to a "
+        "plain copy of the same bytes.\n\n"
+        "| shape | warp | method | fwd ms | ratio | fwd+bwd ms | ratio | peak MiB | fwd GB/s | copy GB/s |\n"
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|\n"
+    )
+    body = "".join(
+        f"| {r['shape']} | {r['warp']} | {r['method']} | {r['fwd_ms']:.2f} | {r['fwd_ratio']:.2f} | "
+        f"{r['fwd_bwd_ms']:.2f} | {r['fwd_bwd_ratio']:.2f} | {r['peak_mib']:.1f} | {r['fwd_gbps']:.2f} | "
+        f"{r['copy_gbps']:.1f} |\n"
+        for r in rows
+    )
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = "sampler" if device == "cpu" else f"sampler-{device}"
+    if args.quick:
+        stem += "-quick"
+    (RESULTS / f"{stem}.md").write_text(header + body)
+    meta = {"device": device, "card": card, "torch": torch.__version__, "threads": args.threads}
+    (RESULTS / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    print(header + body)
+
+
+if __name__ == "__main__":
+    main()
