@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor
 
 from ._checks import check_image
 from .coords import Grid
+from .image import Image
 from .sampler import sample
 from .transforms.base import Transform
 
-__all__ = ["warp"]
+__all__ = ["apply", "warp"]
 
 
 def warp(
@@ -45,3 +47,33 @@ def warp(
         raise ValueError(f"source Grid shape {source.shape} does not match the image's {tuple(image.shape[2:])}")
     coords = transform.sampling_grid(tuple(image.shape[2:]) if out is None else out, source)
     return sample(image, coords, mode=mode, padding=padding, antialias=antialias)
+
+
+def apply(
+    transform: Transform,
+    image: Image,
+    reference: Image | Grid,
+    interpolation: str = "linear",
+    padding: str = "zeros",
+) -> Image:
+    """Resample an :class:`Image` onto ``reference``'s grid through a world-space transform.
+
+    Args:
+        transform: maps reference (fixed) world points to ``image`` (moving) world points, as
+            returned by :func:`stnreg.register` or read by :func:`stnreg.io.read_transform`.
+        interpolation: ``"linear"``, ``"nearest"`` or ``"label"`` (label values stay exact).
+
+    Returns:
+        An :class:`Image` on the reference grid, float32 for linear interpolation, the input dtype
+        otherwise.
+    """
+    grid = reference.grid if isinstance(reference, Image) else reference
+    if transform.ndim != image.ndim or grid.ndim != image.ndim:
+        raise ValueError(
+            f"dimension mismatch: transform {transform.ndim}D, image {image.ndim}D ({image.name}), "
+            f"reference {grid.ndim}D"
+        )
+    data = image.batch(torch.float32 if interpolation == "linear" else None)
+    coords = transform.sampling_grid(grid, image.grid)
+    out = sample(data, coords.to(torch.float32), mode=interpolation, padding=padding)
+    return Image(out[0], grid, f"{image.name} (resampled)")

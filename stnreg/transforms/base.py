@@ -40,12 +40,18 @@ def _cached_lattice(shape: tuple[int, ...], dtype: torch.dtype, device: torch.de
     return lattice(shape, "normalized", dtype, device).unsqueeze(0)
 
 
+@functools.lru_cache(maxsize=4)
+def _cached_world_lattice(grid: Grid, dtype: torch.dtype, device: torch.device) -> Tensor:
+    idx = lattice(grid.shape, "index", torch.float64, device)
+    return apply_affine(grid.index_to_world(device=device), idx).to(dtype).unsqueeze(0)
+
+
 def output_lattice(
     out: Sequence[int] | Grid, dtype: torch.dtype, device: torch.device | str | None
 ) -> tuple[Tensor, Tensor]:
     """Voxel-centre points of the output in domain space and the index-to-domain map.
 
-    Normalized lattices are cached (iterative registration asks for the same one every step), so
+    Lattices are cached (iterative registration asks for the same one every step), so
     callers must not modify the returned points in place.
 
     Returns:
@@ -53,8 +59,7 @@ def output_lattice(
     """
     m = index_to_domain(out, device)
     if isinstance(out, Grid):
-        pts = apply_affine(m, lattice(out.shape, "index", torch.float64, device)).to(dtype)
-        return pts.unsqueeze(0), m
+        return _cached_world_lattice(out, dtype, torch.device(device or "cpu")), m
     return _cached_lattice(tuple(int(s) for s in out), dtype, torch.device(device or "cpu")), m
 
 
@@ -89,13 +94,17 @@ class Transform(nn.Module):
             source: the input image's :class:`Grid` (world domain only); the mapped world points are
                 converted to its normalized coordinates.
         """
-        pts, _ = output_lattice(out, self._dtype(), self._device())
-        mapped = self(pts)
+        if isinstance(out, Grid) and source is None:
+            raise ValueError("a world-space output Grid needs the source Grid too")
+        mapped = self.mapped_lattice(out)
         if source is not None:
             mapped = apply_affine(source.world_to_normalized(device=mapped.device), mapped)
-        elif isinstance(out, Grid):
-            raise ValueError("a world-space output Grid needs the source Grid too")
         return mapped
+
+    def mapped_lattice(self, out: Sequence[int] | Grid) -> Tensor:
+        """``T`` at the output's voxel centres, ``(N, *shape, d)`` in domain space (families add fast paths)."""
+        pts, _ = output_lattice(out, self._dtype(), self._device())
+        return self(pts)
 
     def compose(self, other: Transform) -> Transform:
         """``self ∘ other``: the map ``x -> self(other(x))`` (warping by ``self`` first, then ``other``)."""
@@ -206,6 +215,25 @@ class Composite(Transform):
 
     def inverse(self) -> Transform:
         return Composite([t.inverse() for t in reversed(self.transforms)])
+
+    def mapped_lattice(self, out: Sequence[int] | Grid) -> Tensor:
+        """Matrices after the innermost transform fold into one matrix applied to its fast lattice path."""
+        from .matrix import MatrixTransform
+
+        head, last = list(self.transforms[:-1]), self.transforms[-1]
+        if not head or not all(isinstance(t, MatrixTransform) and not t.projective for t in head):
+            return super().mapped_lattice(out)
+        m = head[0].matrix()
+        for t in head[1:]:
+            m = m @ t.matrix().to(m.dtype)
+        pts = last.mapped_lattice(out)
+        return apply_affine(m, pts)
+
+    def _dtype(self) -> torch.dtype:
+        return self.transforms[-1]._dtype()
+
+    def _device(self) -> torch.device:
+        return self.transforms[-1]._device()
 
 
 class NumericalInverse(Transform):

@@ -156,14 +156,9 @@ class BSpline(ParametricTransform):
             field = torch.movedim(torch.movedim(field, 2 + (d - 1 - a), -1) @ basis.T, -1, 2 + (d - 1 - a))
         return pts, torch.movedim(field, 1, -1)
 
-    def sampling_grid(self, out: Sequence[int] | Grid, source: Grid | None = None) -> Tensor:
+    def mapped_lattice(self, out: Sequence[int] | Grid) -> Tensor:
         separable = self.displacement(out)
         if separable is None:
-            return super().sampling_grid(out, source)
-        if isinstance(out, Grid) and source is None:
-            raise ValueError("a world-space output Grid needs the source Grid too")
+            return super().mapped_lattice(out)
         pts, disp = separable
-        mapped = pts + disp
-        if source is not None:
-            mapped = apply_affine(source.world_to_normalized(device=mapped.device), mapped)
-        return mapped
+        return pts + disp

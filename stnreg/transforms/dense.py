@@ -124,18 +124,12 @@ class Displacement(ParametricTransform):
         u = apply_affine(self.domain.to(points.device), points)
         return points + _interpolate(self.field(), u).to(points.dtype)
 
-    def sampling_grid(self, out: Sequence[int] | Grid, source: Grid | None = None) -> Tensor:
-        if isinstance(out, Grid) and source is None:
-            raise ValueError("a world-space output Grid needs the source Grid too")
+    def mapped_lattice(self, out: Sequence[int] | Grid) -> Tensor:
         pts, index_to_domain = output_lattice(out, self._dtype(), self._device())
         if self._is_own_lattice(index_to_domain, pts.shape[1:-1]):
             # On its own lattice the field needs no interpolation: identity is exact.
-            mapped = pts + _channels_last(self.field())
-        else:
-            mapped = self(pts)
-        if source is not None:
-            mapped = apply_affine(source.world_to_normalized(device=mapped.device), mapped)
-        return mapped
+            return pts + _channels_last(self.field())
+        return self(pts)
 
     def compose(self, other: Transform) -> Transform:
         """``self ∘ other``; with another field on the same lattice the result is one field."""

@@ -1,0 +1,259 @@
+"""Images and transforms to and from disk, in the formats ITK, SimpleITK and ANTs read.
+
+Everything goes through SimpleITK, so world coordinates are ITK's physical space (LPS for
+medical images): NIfTI's RAS affine is converted on read and write exactly as ITK and ANTs do.
+
+* Images: NIfTI (``.nii``, ``.nii.gz``), MetaImage (``.mha``, ``.mhd``), NRRD (``.nrrd``,
+  ``.nhdr``), and 2D PNG / JPEG / TIFF / BMP. Writes are atomic (a temporary file in the same
+  folder, then a rename) and never replace a file in ``protect``.
+* Matrix transforms: ITK transform files (``.tfm``, ``.txt``, ``.mat``, ``.h5``) holding an
+  ``AffineTransform`` that maps fixed (output) points to moving (input) points.
+* Deformable transforms: an ITK displacement field image, vectors in mm in physical space, on the
+  fixed grid (``T(x) = x + u(x)``), readable as ``sitk.DisplacementFieldTransform`` and by ANTs.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from .coords import Grid
+from .image import Image
+from .transforms.base import Composite, Transform
+from .transforms.dense import Displacement
+from .transforms.matrix import Affine, MatrixTransform
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "TRANSFORM_SUFFIXES",
+    "ImageReadError",
+    "displacement_to_sitk",
+    "grid_from_sitk",
+    "read_image",
+    "read_transform",
+    "to_sitk",
+    "write_displacement",
+    "write_image",
+    "write_transform",
+]
+
+IMAGE_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".nhdr", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+TRANSFORM_SUFFIXES = (".tfm", ".txt", ".mat", ".h5", ".hdf5")
+
+
+class ImageReadError(ValueError):
+    """A file that cannot be used as an image; the message names the file and the problem."""
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    for s in sorted(IMAGE_SUFFIXES + TRANSFORM_SUFFIXES, key=len, reverse=True):
+        if name.endswith(s):
+            return s
+    return path.suffix.lower()
+
+
+def grid_from_sitk(img: sitk.Image, ndim: int | None = None) -> Grid:
+    """The :class:`Grid` of a SimpleITK image, keeping its first ``ndim`` axes."""
+    n = img.GetDimension()
+    d = ndim or n
+    direction = np.asarray(img.GetDirection(), dtype=np.float64).reshape(n, n)[:d, :d]
+    size = list(img.GetSize())[:d]
+    return Grid(tuple(reversed(size)), img.GetSpacing()[:d], img.GetOrigin()[:d], direction.tolist())
+
+
+def read_image(path: str | os.PathLike, label: bool = False) -> Image:
+    """Read an image file into an :class:`Image` with data ``(C, *spatial)``.
+
+    Vector pixels (RGB, multi-component) and a 4th axis (as in 4D label files) become channels.
+    ``label=True`` keeps integer data and checks that it is integral.
+
+    Raises:
+        ImageReadError: missing, unreadable or truncated file, unsupported dimension, NaN or
+            infinite values, an empty image, or a singular direction matrix.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ImageReadError(f"{p}: no such file")
+    if p.is_dir():
+        raise ImageReadError(f"{p}: is a folder, not an image file")
+    try:
+        img = sitk.ReadImage(str(p))
+    except RuntimeError as err:
+        reason = str(err).strip().splitlines()
+        detail = next((ln for ln in reason if "Exception" not in ln and ln.strip()), reason[-1] if reason else "")
+        raise ImageReadError(f"{p}: cannot read as an image ({detail.strip()[:200]})") from None
+    dim = img.GetDimension()
+    arr = sitk.GetArrayFromImage(img)
+    if img.GetNumberOfComponentsPerPixel() > 1:
+        arr = np.moveaxis(arr, -1, 0)
+    elif dim == 4:
+        dim = 3
+    else:
+        arr = arr[None]
+    if dim not in (2, 3):
+        raise ImageReadError(f"{p}: {dim}D images are not supported (2D or 3D, optionally with channels)")
+    if arr.size == 0:
+        raise ImageReadError(f"{p}: the image is empty (shape {arr.shape})")
+    if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+        raise ImageReadError(f"{p}: contains NaN or infinite values")
+    try:
+        grid = grid_from_sitk(img, dim)
+    except ValueError as err:
+        raise ImageReadError(f"{p}: {err}") from None
+    if label:
+        if np.issubdtype(arr.dtype, np.floating):
+            if not np.array_equal(arr, np.round(arr)):
+                raise ImageReadError(f"{p}: label map holds non-integer values")
+            arr = arr.astype(np.int64)
+        data = torch.from_numpy(np.ascontiguousarray(arr).astype(np.int64))
+    else:
+        data = torch.from_numpy(np.ascontiguousarray(arr))
+        if data.dtype in (torch.uint16, torch.uint32, torch.uint64):
+            data = data.to(torch.int64)
+    return Image(data, grid, str(p))
+
+
+def to_sitk(image: Image) -> sitk.Image:
+    """A SimpleITK image with the same pixels and geometry (channels become vector components)."""
+    arr = image.data.detach().cpu().numpy()
+    if arr.dtype == np.bool_:
+        arr = arr.astype(np.uint8)
+    if arr.shape[0] == 1:
+        img = sitk.GetImageFromArray(arr[0])
+    else:
+        img = sitk.GetImageFromArray(np.moveaxis(arr, 0, -1), isVector=True)
+    img.SetSpacing(image.grid.spacing)
+    img.SetOrigin(image.grid.origin)
+    img.SetDirection([v for row in image.grid.direction for v in row])
+    return img
+
+
+def _atomic_write(path: Path, protect: Iterable[str | os.PathLike], writer) -> Path:
+    path = Path(path)
+    guarded = {Path(p).resolve() for p in protect}
+    if path.resolve() in guarded:
+        raise FileExistsError(f"{path}: refusing to overwrite an input file")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = _suffix(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        writer(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_image(path: str | os.PathLike, image: Image, protect: Iterable[str | os.PathLike] = ()) -> Path:
+    """Write ``image`` atomically; 8-bit formats (PNG/JPEG/BMP) get values clipped to 0-255."""
+    img = to_sitk(image)
+    if _suffix(Path(path)) in (".png", ".jpg", ".jpeg", ".bmp") and img.GetPixelID() not in (sitk.sitkUInt8,):
+        img = sitk.Cast(sitk.Clamp(sitk.Round(img), sitk.sitkFloat32, 0, 255), sitk.sitkUInt8)
+    return _atomic_write(Path(path), protect, lambda tmp: sitk.WriteImage(img, tmp, useCompression=True))
+
+
+def _sitk_affine(t: MatrixTransform, index: int = 0) -> sitk.AffineTransform:
+    m = t.matrix()[index].detach().double().cpu()
+    d = t.ndim
+    if t.projective:
+        raise ValueError("projective transforms have no ITK file form; resample with stnreg.apply instead")
+    out = sitk.AffineTransform(d)
+    out.SetMatrix(m[:d, :d].reshape(-1).tolist())
+    out.SetTranslation(m[:d, d].tolist())
+    return out
+
+
+def write_transform(path: str | os.PathLike, transform: MatrixTransform, protect: Iterable = ()) -> Path:
+    """Write a world-space matrix transform as an ITK ``AffineTransform`` file (fixed -> moving points)."""
+    itk = _sitk_affine(transform)
+    return _atomic_write(Path(path), protect, lambda tmp: sitk.WriteTransform(itk, tmp))
+
+
+def displacement_to_sitk(field: torch.Tensor, grid: Grid) -> sitk.Image:
+    """A ``(d, *shape)`` displacement in mm (``x, y, z`` components) as an ITK vector image."""
+    arr = np.moveaxis(field.detach().double().cpu().numpy(), 0, -1)
+    img = sitk.GetImageFromArray(np.ascontiguousarray(arr), isVector=True)
+    img.SetSpacing(grid.spacing)
+    img.SetOrigin(grid.origin)
+    img.SetDirection([v for row in grid.direction for v in row])
+    return img
+
+
+def write_displacement(
+    path: str | os.PathLike, field: torch.Tensor, grid: Grid, protect: Iterable = ()
+) -> Path:
+    """Write a displacement field ``(d, *shape)`` in mm on ``grid`` as an ITK displacement field image."""
+    img = displacement_to_sitk(field, grid)
+    return _atomic_write(Path(path), protect, lambda tmp: sitk.WriteImage(img, tmp, useCompression=True))
+
+
+def _read_one_transform(path: Path) -> Transform:
+    if _suffix(path) in TRANSFORM_SUFFIXES:
+        try:
+            itk = sitk.ReadTransform(str(path))
+        except RuntimeError:
+            raise ImageReadError(f"{path}: cannot read as an ITK transform file") from None
+        if itk.GetName() == "CompositeTransform":
+            itk = sitk.CompositeTransform(itk)
+            parts = [itk.GetNthTransform(i) for i in range(itk.GetNumberOfTransforms())]
+            return Composite([_from_sitk_transform(t, path) for t in parts])
+        return _from_sitk_transform(itk, path)
+    img = sitk.ReadImage(str(path))
+    if img.GetNumberOfComponentsPerPixel() != img.GetDimension():
+        raise ImageReadError(f"{path}: not a displacement field (needs {img.GetDimension()} vector components)")
+    grid = grid_from_sitk(img)
+    arr = np.moveaxis(sitk.GetArrayFromImage(img), -1, 0)
+    field = torch.from_numpy(np.ascontiguousarray(arr)).float().unsqueeze(0)
+    return Displacement(grid.shape, params=field, domain=grid.world_to_normalized())
+
+
+def _from_sitk_transform(itk: sitk.Transform, path: Path) -> Transform:
+    d = itk.GetDimension()
+    if itk.GetName() == "DisplacementFieldTransform":
+        field = sitk.DisplacementFieldTransform(itk).GetDisplacementField()
+        grid = grid_from_sitk(field)
+        arr = np.moveaxis(sitk.GetArrayFromImage(field), -1, 0)
+        return Displacement(grid.shape, params=torch.from_numpy(arr.copy()).float()[None], domain=grid.world_to_normalized())
+    try:
+        affine = sitk.AffineTransform(d)
+        affine.SetMatrix(itk.GetMatrix())
+        affine.SetTranslation(itk.GetTranslation())
+        affine.SetCenter(itk.GetCenter())
+    except (RuntimeError, AttributeError):
+        raise ImageReadError(f"{path}: ITK transform type {itk.GetName()} is not supported") from None
+    m = torch.eye(d + 1, dtype=torch.float64)
+    m[:d, :d] = torch.tensor(affine.GetMatrix(), dtype=torch.float64).reshape(d, d)
+    c = torch.tensor(affine.GetCenter(), dtype=torch.float64)
+    m[:d, d] = torch.tensor(affine.GetTranslation(), dtype=torch.float64) + c - m[:d, :d] @ c
+    return Affine.from_matrix(m.unsqueeze(0))
+
+
+def read_transform(path: str | os.PathLike) -> Transform:
+    """Read an ITK transform file, a displacement field image, or a ``stnreg register`` output folder.
+
+    A folder is read through its ``report.json``: the files under ``"transform"`` form a
+    :class:`Composite` in ITK ``CompositeTransform`` order (the last one is applied first).
+    """
+    p = Path(path)
+    if p.is_dir():
+        import json
+
+        report = p / "report.json"
+        if not report.exists():
+            raise ImageReadError(f"{p}: a folder must be a 'stnreg register' output with a report.json")
+        files = json.loads(report.read_text())["transform"]
+        parts = [_read_one_transform(p / f) for f in files]
+        return parts[0] if len(parts) == 1 else Composite(parts)
+    if not p.exists():
+        raise ImageReadError(f"{p}: no such file")
+    return _read_one_transform(p)

@@ -1,0 +1,131 @@
+"""Image similarity losses (lower is better), functional. Images are ``(N, C, *spatial)``.
+
+Every loss takes an optional ``mask`` ``(N or 1, 1, *spatial)`` in [0, 1] weighting voxels, and
+returns a scalar averaged over the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["dice_loss", "lncc_loss", "mi_loss", "mse_loss", "ncc_loss"]
+
+
+def _check_pair(a: Tensor, b: Tensor) -> None:
+    if a.shape[2:] != b.shape[2:]:
+        raise ValueError(f"images must share a grid: {tuple(a.shape)} vs {tuple(b.shape)}")
+
+
+def _weighted_mean(x: Tensor, mask: Tensor | None) -> Tensor:
+    """Mean over all but the batch axis, weighted by ``mask``; ``(N,)``."""
+    if mask is None:
+        return x.flatten(1).mean(1)
+    w = mask.expand_as(x)
+    return (x * w).flatten(1).sum(1) / w.flatten(1).sum(1).clamp_min(1e-8)
+
+
+def mse_loss(a: Tensor, b: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Mean squared difference."""
+    _check_pair(a, b)
+    return _weighted_mean((a - b).square(), mask).mean()
+
+
+def ncc_loss(a: Tensor, b: Tensor, mask: Tensor | None = None, eps: float = 1e-6) -> Tensor:
+    """``1 - NCC`` with the global normalized cross-correlation over each image (in [0, 2])."""
+    _check_pair(a, b)
+    ma, mb = _weighted_mean(a, mask), _weighted_mean(b, mask)
+    shape = (-1,) + (1,) * (a.dim() - 1)
+    da, db = a - ma.view(shape), b - mb.view(shape)
+    cov = _weighted_mean(da * db, mask)
+    var = _weighted_mean(da.square(), mask) * _weighted_mean(db.square(), mask)
+    return (1 - cov / (var + eps).sqrt()).mean()
+
+
+def _box_filter(x: Tensor, window: Sequence[int]) -> Tensor:
+    """Separable moving average with odd ``window`` per axis (array order), zero padded, same size."""
+    d = x.dim() - 2
+    c = x.shape[1]
+    conv = F.conv2d if d == 2 else F.conv3d
+    for axis, k in enumerate(window):
+        if k <= 1:
+            continue
+        shape = [c, 1] + [1] * d
+        shape[2 + axis] = k
+        weight = torch.full(shape, 1.0 / k, dtype=x.dtype, device=x.device)
+        pad = [0] * d
+        pad[axis] = k // 2
+        x = conv(x, weight, padding=tuple(pad), groups=c)
+    return x
+
+
+def lncc_loss(
+    a: Tensor, b: Tensor, window: int | Sequence[int] = 9, mask: Tensor | None = None, eps: float = 1e-5
+) -> Tensor:
+    """``1 - mean(cc)`` with the squared local correlation ``cc`` in a moving window (VoxelMorph's LNCC).
+
+    Args:
+        window: odd window size in voxels, one value or one per axis (array order).
+    """
+    _check_pair(a, b)
+    d = a.dim() - 2
+    win = [int(window)] * d if isinstance(window, int) else [int(w) for w in window]
+    win = [w if w % 2 else w + 1 for w in win]
+    stats = _box_filter(torch.cat([a, b, a * a, b * b, a * b], 1), win)
+    c = a.shape[1]
+    ma, mb, aa, bb, ab = stats.split(c, 1)
+    cross = ab - ma * mb
+    var_a = (aa - ma * ma).clamp_min(0)
+    var_b = (bb - mb * mb).clamp_min(0)
+    cc = cross.square() / (var_a * var_b + eps)
+    return (1 - _weighted_mean(cc, mask)).mean()
+
+
+def mi_loss(
+    a: Tensor,
+    b: Tensor,
+    bins: int = 32,
+    mask: Tensor | None = None,
+    samples: int | None = 65536,
+    sigma: float | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Negative mutual information with Gaussian Parzen windows, differentiable in both images.
+
+    Intensities are expected in [0, 1] (the registration pipeline normalizes robustly). Memory is
+    ``O(samples * bins)``: a random subset of ``samples`` voxels per call (all when ``None`` or
+    when the image is smaller), as ITK's Mattes MI does, keeps 3D volumes affordable.
+    """
+    _check_pair(a, b)
+    n = a.shape[0]
+    fa, fb = a.mean(1).reshape(n, -1), b.mean(1).reshape(n, -1)
+    w = None if mask is None else mask.expand(n, 1, *a.shape[2:]).reshape(n, -1)
+    if samples is not None and fa.shape[1] > samples:
+        idx = torch.randint(0, fa.shape[1], (samples,), device=a.device, generator=generator)
+        fa, fb = fa[:, idx], fb[:, idx]
+        w = None if w is None else w[:, idx]
+    centers = torch.linspace(0, 1, bins, dtype=a.dtype, device=a.device)
+    s = sigma or 0.5 / (bins - 1)
+    wa = torch.exp(-0.5 * ((fa.unsqueeze(-1) - centers) / s).square())
+    wb = torch.exp(-0.5 * ((fb.unsqueeze(-1) - centers) / s).square())
+    wa = wa / wa.sum(-1, keepdim=True).clamp_min(1e-12)
+    wb = wb / wb.sum(-1, keepdim=True).clamp_min(1e-12)
+    if w is not None:
+        wa = wa * w.unsqueeze(-1)
+    joint = wa.transpose(1, 2) @ wb
+    joint = joint / joint.sum((1, 2), keepdim=True).clamp_min(1e-12)
+    pa, pb = joint.sum(2, keepdim=True), joint.sum(1, keepdim=True)
+    mi = (joint * (torch.log(joint + 1e-10) - torch.log(pa @ pb + 1e-10))).sum((1, 2))
+    return -mi.mean()
+
+
+def dice_loss(a: Tensor, b: Tensor, mask: Tensor | None = None, eps: float = 1e-5) -> Tensor:
+    """``1 - mean soft Dice`` over channels; ``a`` and ``b`` are ``(N, L, *spatial)`` label probabilities."""
+    _check_pair(a, b)
+    w = 1.0 if mask is None else mask
+    inter = (a * b * w).flatten(2).sum(-1)
+    total = ((a + b) * w).flatten(2).sum(-1)
+    return (1 - (2 * inter + eps) / (total + eps)).mean()
