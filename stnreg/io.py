@@ -68,6 +68,36 @@ def grid_from_sitk(img: sitk.Image, ndim: int | None = None) -> Grid:
     return Grid(tuple(reversed(size)), img.GetSpacing()[:d], img.GetOrigin()[:d], direction.tolist())
 
 
+def _read_nifti(path: Path) -> tuple[np.ndarray, Grid, int]:
+    """NIfTI pixels through nibabel, geometry through ITK's header reader.
+
+    ITK's NIfTI reader silently zero-fills truncated data and turns NaN into 0; nibabel reports
+    both. ITK still defines the geometry, so world coordinates are the ones ITK and ANTs use.
+
+    Returns:
+        ``(array (C, *spatial) in array order, grid, spatial rank)``.
+    """
+    import nibabel as nib
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+        arr = np.asanyarray(nib.load(str(path)).dataobj)
+    except Exception as err:  # ITK and nibabel raise many types for broken files
+        raise ImageReadError(f"{path}: cannot read as an image (truncated or corrupt: {str(err).strip()[:160]})") from None
+    n = reader.GetDimension()
+    # Vector images keep all ITK axes as space; a 4th scalar axis (4D label files) becomes channels.
+    spatial = n if reader.GetNumberOfComponents() > 1 else min(n, 3)
+    size = arr.shape[:spatial]
+    arr = arr.reshape(*size, -1)
+    arr = np.moveaxis(arr, -1, 0)
+    arr = np.ascontiguousarray(np.transpose(arr, (0, *range(spatial, 0, -1))))
+    direction = np.asarray(reader.GetDirection(), dtype=np.float64).reshape(n, n)[:spatial, :spatial]
+    grid = Grid(tuple(reversed(size)), reader.GetSpacing()[:spatial], reader.GetOrigin()[:spatial], direction.tolist())
+    return arr, grid, spatial
+
+
 def read_image(path: str | os.PathLike, label: bool = False) -> Image:
     """Read an image file into an :class:`Image` with data ``(C, *spatial)``.
 
@@ -83,30 +113,40 @@ def read_image(path: str | os.PathLike, label: bool = False) -> Image:
         raise ImageReadError(f"{p}: no such file")
     if p.is_dir():
         raise ImageReadError(f"{p}: is a folder, not an image file")
-    try:
-        img = sitk.ReadImage(str(p))
-    except RuntimeError as err:
-        reason = str(err).strip().splitlines()
-        detail = next((ln for ln in reason if "Exception" not in ln and ln.strip()), reason[-1] if reason else "")
-        raise ImageReadError(f"{p}: cannot read as an image ({detail.strip()[:200]})") from None
-    dim = img.GetDimension()
-    arr = sitk.GetArrayFromImage(img)
-    if img.GetNumberOfComponentsPerPixel() > 1:
-        arr = np.moveaxis(arr, -1, 0)
-    elif dim == 4:
-        dim = 3
+    grid: Grid | None = None
+    if _suffix(p) in (".nii", ".nii.gz"):
+        try:
+            arr, grid, dim = _read_nifti(p)
+        except ValueError as err:
+            if isinstance(err, ImageReadError):
+                raise
+            raise ImageReadError(f"{p}: {err}") from None
     else:
-        arr = arr[None]
+        try:
+            img = sitk.ReadImage(str(p))
+        except RuntimeError as err:
+            reason = str(err).strip().splitlines()
+            detail = next((ln for ln in reason if "Exception" not in ln and ln.strip()), reason[-1] if reason else "")
+            raise ImageReadError(f"{p}: cannot read as an image ({detail.strip()[:200]})") from None
+        dim = img.GetDimension()
+        arr = sitk.GetArrayFromImage(img)
+        if img.GetNumberOfComponentsPerPixel() > 1:
+            arr = np.moveaxis(arr, -1, 0)
+        elif dim == 4:
+            dim = 3
+        else:
+            arr = arr[None]
     if dim not in (2, 3):
         raise ImageReadError(f"{p}: {dim}D images are not supported (2D or 3D, optionally with channels)")
     if arr.size == 0:
         raise ImageReadError(f"{p}: the image is empty (shape {arr.shape})")
     if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
         raise ImageReadError(f"{p}: contains NaN or infinite values")
-    try:
-        grid = grid_from_sitk(img, dim)
-    except ValueError as err:
-        raise ImageReadError(f"{p}: {err}") from None
+    if grid is None:
+        try:
+            grid = grid_from_sitk(img, dim)
+        except ValueError as err:
+            raise ImageReadError(f"{p}: {err}") from None
     if label:
         if np.issubdtype(arr.dtype, np.floating):
             if not np.array_equal(arr, np.round(arr)):

@@ -318,9 +318,13 @@ def register(
             raise ValueError("label maps must lie on the grids of their images")
         from .metrics import label_values
 
-        label_ids = label_values(lab_m.data, lab_f.data)
+        in_m, in_f = set(label_values(lab_m.data)), set(label_values(lab_f.data))
+        label_ids = sorted(in_m & in_f)
         if not label_ids:
-            raise ValueError("the label maps hold no non-zero labels")
+            raise ValueError(
+                f"the label maps share no non-zero label: {lab_m.name} has {sorted(in_m)[:10]}, "
+                f"{lab_f.name} has {sorted(in_f)[:10]}"
+            )
     d = fix_img.ndim
     extent = float(np.mean([s * n / 2 for s, n in zip(fix_img.grid.spacing, reversed(fix_img.grid.shape))]))
     voxel = float(np.mean(fix_img.grid.spacing))

@@ -46,10 +46,14 @@ def evaluate(
     identity = Affine(fixed.ndim)
     with torch.no_grad():
         before = apply(identity, moving, fixed)
+        # Compare only where both the identity and the found transform sample inside the moving image.
+        ones = Image(torch.ones(1, *moving.grid.shape), moving.grid)
+        valid = (apply(identity, ones, fixed).data > 0.999) & (apply(result.transform, ones, fixed).data > 0.999)
+        mask = valid.float()[None]
         f = _gray01(fixed).unsqueeze(0).unsqueeze(0)
-        ncc_b = 1 - float(ncc_loss(_gray01(before, moving)[None, None], f))
-        ncc_a = 1 - float(ncc_loss(_gray01(result.warped, moving)[None, None], f))
-    metrics: dict[str, Any] = {"ncc_before": ncc_b, "ncc_after": ncc_a}
+        ncc_b = 1 - float(ncc_loss(_gray01(before, moving)[None, None], f, mask=mask))
+        ncc_a = 1 - float(ncc_loss(_gray01(result.warped, moving)[None, None], f, mask=mask))
+    metrics: dict[str, Any] = {"ncc_before": ncc_b, "ncc_after": ncc_a, "ncc_overlap_fraction": float(mask.mean())}
     if moving_labels is not None and fixed_labels is not None:
         with torch.no_grad():
             lb = apply(identity, moving_labels, fixed, "label").data[0]
