@@ -70,5 +70,7 @@ def as_image(
     if t.dim() == 2 or (t.dim() == 3 and not (spacing is not None and len(spacing) == 2)):
         t = t.unsqueeze(0)
     if t.dim() not in (3, 4):
-        raise ValueError(f"{name}: expected a 2D or 3D array (optionally with channels first), got shape {tuple(t.shape)}")
+        raise ValueError(
+            f"{name}: expected a 2D or 3D array (optionally with channels first), got shape {tuple(t.shape)}"
+        )
     return Image(t, Grid(tuple(t.shape[1:]), spacing, origin, direction), name)

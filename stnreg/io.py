@@ -85,7 +85,9 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, Grid, int]:
         reader.ReadImageInformation()
         arr = np.asanyarray(nib.load(str(path)).dataobj)
     except Exception as err:  # ITK and nibabel raise many types for broken files
-        raise ImageReadError(f"{path}: cannot read as an image (truncated or corrupt: {str(err).strip()[:160]})") from None
+        raise ImageReadError(
+            f"{path}: cannot read as an image (truncated or corrupt: {str(err).strip()[:160]})"
+        ) from None
     n = reader.GetDimension()
     # Vector images keep all ITK axes as space; a 4th scalar axis (4D label files) becomes channels.
     spatial = n if reader.GetNumberOfComponents() > 1 else min(n, 3)
@@ -229,9 +231,7 @@ def displacement_to_sitk(field: torch.Tensor, grid: Grid) -> sitk.Image:
     return img
 
 
-def write_displacement(
-    path: str | os.PathLike, field: torch.Tensor, grid: Grid, protect: Iterable = ()
-) -> Path:
+def write_displacement(path: str | os.PathLike, field: torch.Tensor, grid: Grid, protect: Iterable = ()) -> Path:
     """Write a displacement field ``(d, *shape)`` in mm on ``grid`` as an ITK displacement field image."""
     img = displacement_to_sitk(field, grid)
     return _atomic_write(Path(path), protect, lambda tmp: sitk.WriteImage(img, tmp, useCompression=True))
@@ -263,7 +263,9 @@ def _from_sitk_transform(itk: sitk.Transform, path: Path) -> Transform:
         field = sitk.DisplacementFieldTransform(itk).GetDisplacementField()
         grid = grid_from_sitk(field)
         arr = np.moveaxis(sitk.GetArrayFromImage(field), -1, 0)
-        return Displacement(grid.shape, params=torch.from_numpy(arr.copy()).float()[None], domain=grid.world_to_normalized())
+        return Displacement(
+            grid.shape, params=torch.from_numpy(arr.copy()).float()[None], domain=grid.world_to_normalized()
+        )
     try:
         affine = sitk.AffineTransform(d)
         affine.SetMatrix(itk.GetMatrix())

@@ -25,7 +25,6 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -300,7 +299,9 @@ def register(
     t_start = time.perf_counter()
     mov_img, fix_img = _load(moving, "moving"), _load(fixed, "fixed")
     if mov_img.ndim != fix_img.ndim:
-        raise ValueError(f"dimension mismatch: moving {mov_img.name} is {mov_img.ndim}D, fixed {fix_img.name} is {fix_img.ndim}D")
+        raise ValueError(
+            f"dimension mismatch: moving {mov_img.name} is {mov_img.ndim}D, fixed {fix_img.name} is {fix_img.ndim}D"
+        )
     if loss not in SIMILARITIES:
         raise ValueError(f"loss must be one of {', '.join(SIMILARITIES)}, got {loss!r}")
     stages = parse_pipeline(transform)
@@ -309,7 +310,9 @@ def register(
     f_int, m_int = _intensity(fix_img).to(dev), _intensity(mov_img).to(dev)
     fmask = None if fixed_mask is None else _load(fixed_mask, "fixed mask").batch(device=dev)
     if fmask is not None and tuple(fmask.shape[2:]) != fix_img.grid.shape:
-        raise ValueError(f"fixed mask shape {tuple(fmask.shape[2:])} does not match the fixed grid {fix_img.grid.shape}")
+        raise ValueError(
+            f"fixed mask shape {tuple(fmask.shape[2:])} does not match the fixed grid {fix_img.grid.shape}"
+        )
     lab_m = lab_f = None
     label_ids: list[int] = []
     if labels is not None:
@@ -325,12 +328,11 @@ def register(
                 f"the label maps share no non-zero label: {lab_m.name} has {sorted(in_m)[:10]}, "
                 f"{lab_f.name} has {sorted(in_f)[:10]}"
             )
-    d = fix_img.ndim
-    extent = float(np.mean([s * n / 2 for s, n in zip(fix_img.grid.spacing, reversed(fix_img.grid.shape))]))
+    extent = float(np.mean([s * n / 2 for s, n in zip(fix_img.grid.spacing, reversed(fix_img.grid.shape), strict=True)]))
     voxel = float(np.mean(fix_img.grid.spacing))
     win = window
     if window_mm:
-        win = max(3, int(round(window / voxel)) | 1)
+        win = max(3, round(window / voxel) | 1)
     sim = SIMILARITIES[loss]
 
     def similarity(a: Tensor, b: Tensor, mask: Tensor | None) -> Tensor:
