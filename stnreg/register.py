@@ -328,7 +328,8 @@ def register(
                 f"the label maps share no non-zero label: {lab_m.name} has {sorted(in_m)[:10]}, "
                 f"{lab_f.name} has {sorted(in_f)[:10]}"
             )
-    extent = float(np.mean([s * n / 2 for s, n in zip(fix_img.grid.spacing, reversed(fix_img.grid.shape), strict=True)]))
+    sizes = zip(fix_img.grid.spacing, reversed(fix_img.grid.shape), strict=True)
+    extent = float(np.mean([s * n / 2 for s, n in sizes]))
     voxel = float(np.mean(fix_img.grid.spacing))
     win = window
     if window_mm:
