@@ -1,7 +1,8 @@
 """stnreg: differentiable image registration built on the Spatial Transformer Network.
 
 Coordinate convention: see :mod:`stnreg.coords`. Layers: ``coords`` -> ``sampler`` ->
-``transforms`` -> ``warp`` -> ``nets``; see ARCHITECTURE.md.
+``transforms`` -> ``warp`` -> ``losses`` -> ``nets`` / ``register`` -> ``io`` / ``report`` -> ``cli``;
+see ARCHITECTURE.md.
 """
 
 from .coords import (
@@ -15,7 +16,10 @@ from .coords import (
     normalized_to_index,
     xyz_to_array_order,
 )
+from .image import Image, as_image
+from .io import read_image, read_transform, write_displacement, write_image, write_transform
 from .nets import LocalizationCNN, MultiSpatialTransformer, SpatialTransformer
+from .register import RegistrationResult, Stage, register
 from .sampler import sample
 from .transforms import (
     FAMILIES,
@@ -35,7 +39,7 @@ from .transforms import (
     Translation,
     uniform_control_points,
 )
-from .warp import warp
+from .warp import apply, warp
 
 __version__ = "0.1.0"
 
@@ -47,6 +51,9 @@ __all__ = [
     "Composite",
     "Displacement",
     "Grid",
+    "Image",
+    "RegistrationResult",
+    "Stage",
     "LocalizationCNN",
     "MultiSpatialTransformer",
     "NumericalInverse",
@@ -59,15 +66,23 @@ __all__ = [
     "ThinPlateSpline",
     "Transform",
     "Translation",
+    "apply",
     "apply_affine",
+    "as_image",
     "array_order_to_xyz",
     "displacement_index_to_normalized",
     "displacement_normalized_to_index",
     "index_to_normalized",
     "lattice",
     "normalized_to_index",
+    "read_image",
+    "read_transform",
+    "register",
     "sample",
     "uniform_control_points",
     "warp",
+    "write_displacement",
+    "write_image",
+    "write_transform",
     "xyz_to_array_order",
 ]

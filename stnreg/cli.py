@@ -162,11 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         return args.func(args)
-    except CliError as err:
-        print(f"stnreg {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except FileExistsError as err:
-        print(f"stnreg {args.command}: error: {err}", file=sys.stderr)
+    except (CliError, FileExistsError) as err:
+        print(f"stnreg {args.command}: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -68,6 +68,17 @@ def grid_from_sitk(img: sitk.Image, ndim: int | None = None) -> Grid:
     return Grid(tuple(reversed(size)), img.GetSpacing()[:d], img.GetOrigin()[:d], direction.tolist())
 
 
+def _reason(err: BaseException) -> str:
+    """One short line from an ITK/nibabel exception (ITK's carry source paths and several lines)."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if "ERROR:" in ln:
+            ln = ln.split("ERROR:", 1)[1]
+            ln = ln.split("):", 1)[-1] if ln.lstrip().startswith(("Image", "MetaImage", "Nifti")) else ln
+            return " ".join(ln.split())[:160]
+    return " ".join(" ".join(lines or [type(err).__name__]).split())[:160]
+
+
 def _read_nifti(path: Path) -> tuple[np.ndarray, Grid, int]:
     """NIfTI pixels through nibabel, geometry through ITK's header reader.
 
@@ -127,9 +138,7 @@ def read_image(path: str | os.PathLike, label: bool = False) -> Image:
         try:
             img = sitk.ReadImage(str(p))
         except RuntimeError as err:
-            reason = str(err).strip().splitlines()
-            detail = next((ln for ln in reason if "Exception" not in ln and ln.strip()), reason[-1] if reason else "")
-            raise ImageReadError(f"{p}: cannot read as an image ({detail.strip()[:200]})") from None
+            raise ImageReadError(f"{p}: cannot read as an image ({_reason(err)})") from None
         dim = img.GetDimension()
         arr = sitk.GetArrayFromImage(img)
         if img.GetNumberOfComponentsPerPixel() > 1:

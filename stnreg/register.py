@@ -144,20 +144,38 @@ def _load(x: Image | Tensor | np.ndarray | str | os.PathLike, what: str, label: 
     return as_image(x, name=what)
 
 
-def _intensity(img: Image) -> Tensor:
-    """Channel mean, robustly scaled to [0, 1] (0.5th / 99.5th percentiles), as ``(1, 1, *spatial)``."""
+def _gray(img: Image) -> Tensor:
     data = img.data.float().mean(0, keepdim=True)
     if not bool(torch.isfinite(data).all()):
         raise ValueError(f"{img.name}: contains NaN or infinite values")
-    flat = data.flatten()
+    if float(data.max() - data.min()) <= 0:
+        raise ValueError(f"{img.name}: the image is constant ({float(data.min()):g} everywhere); nothing to register")
+    return data
+
+
+def _robust_range(*images: Tensor) -> tuple[float, float]:
+    """0.5th and 99.5th percentiles over the given images (a sample of 2M voxels at most)."""
+    flat = torch.cat([im.flatten() for im in images])
     if flat.numel() > 2_000_000:
         flat = flat[torch.randint(0, flat.numel(), (2_000_000,), generator=torch.Generator().manual_seed(0))]
     lo, hi = torch.quantile(flat, torch.tensor([0.005, 0.995])).tolist()
     if hi - lo <= 1e-12 * max(1.0, abs(hi)):
-        lo, hi = float(data.min()), float(data.max())
-    if hi - lo <= 0:
-        raise ValueError(f"{img.name}: the image is constant ({lo:g} everywhere); nothing to register")
-    return ((data - lo) / (hi - lo)).clamp(0, 1).unsqueeze(0)
+        lo, hi = float(flat.min()), float(flat.max())
+    return lo, hi
+
+
+def _intensities(moving: Image, fixed: Image, joint: bool) -> tuple[Tensor, Tensor]:
+    """Channel means scaled to [0, 1] by robust percentiles, ``(1, 1, *spatial)`` each.
+
+    ``joint`` uses one range for both (MSE assumes comparable intensities, and separate ranges
+    would bias its optimum); otherwise each image gets its own (NCC, LNCC and MI do not care).
+    """
+    m, f = _gray(moving), _gray(fixed)
+    if joint:
+        rm = rf = _robust_range(m, f)
+    else:
+        rm, rf = _robust_range(m), _robust_range(f)
+    return tuple(((x - lo) / (hi - lo)).clamp(0, 1).unsqueeze(0) for x, (lo, hi) in ((m, rm), (f, rf)))
 
 
 def _center_of_mass(img: Tensor, grid: Grid) -> Tensor:
@@ -307,7 +325,7 @@ def register(
     stages = parse_pipeline(transform)
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gen = torch.Generator(device=dev).manual_seed(seed)
-    f_int, m_int = _intensity(fix_img).to(dev), _intensity(mov_img).to(dev)
+    m_int, f_int = (x.to(dev) for x in _intensities(mov_img, fix_img, joint=loss == "mse"))
     fmask = None if fixed_mask is None else _load(fixed_mask, "fixed mask").batch(device=dev)
     if fmask is not None and tuple(fmask.shape[2:]) != fix_img.grid.shape:
         raise ValueError(
@@ -377,6 +395,8 @@ def register(
                 ohm_l = _downsample(onehot_m, mov_img.grid, factor)[0]
                 ohf_l = _downsample(onehot_f, fix_img.grid, factor)[0]
             opt = torch.optim.Adam([raw], lr=stage.lr)
+            # Cosine decay to 5% lets Adam settle into the optimum instead of circling it.
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, stage.iterations[li], eta_min=0.05 * stage.lr)
             best, stall = math.inf, 0
             for it in range(stage.iterations[li]):
                 opt.zero_grad(set_to_none=True)
@@ -396,15 +416,17 @@ def register(
                     total = total + dice_weight * dice_loss(sample(ohm_l, coords, "linear", "zeros"), ohf_l)
                 total.backward()
                 opt.step()
+                sched.step()
                 v = float(total.detach())
                 history.append({"stage": stage.family, "level": factor, "iteration": it, "loss": v})
                 bar.update()
                 bar.set_postfix(stage=stage.family, level=f"1/{factor}", loss=f"{v:.4f}")
-                if v < best - 1e-5 * max(1.0, abs(best)):
+                # Stop a level once 40 iterations in a row gained less than 0.01% of the loss.
+                if it == 0 or v < best - 1e-4 * abs(best) - 1e-12:
                     best, stall = v, 0
                 else:
                     stall += 1
-                    if stall >= 30:
+                    if stall >= 40:
                         bar.update(stage.iterations[li] - it - 1)
                         break
         with torch.no_grad():
