@@ -96,9 +96,7 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, Grid, int]:
         reader.ReadImageInformation()
         arr = np.asanyarray(nib.load(str(path)).dataobj)
     except Exception as err:  # ITK and nibabel raise many types for broken files
-        raise ImageReadError(
-            f"{path}: cannot read as an image (truncated or corrupt: {str(err).strip()[:160]})"
-        ) from None
+        raise ImageReadError(f"{path}: cannot read as an image (truncated or corrupt: {_reason(err)})") from None
     n = reader.GetDimension()
     # Vector images keep all ITK axes as space; a 4th scalar axis (4D label files) becomes channels.
     spatial = n if reader.GetNumberOfComponents() > 1 else min(n, 3)
