@@ -67,6 +67,7 @@ def _register(args: argparse.Namespace) -> int:
             window=args.window,
             init=args.init,
             devices=args.devices,
+            batch_size=args.batch_size,
             accelerator="gpu" if (args.device or "").startswith("cuda") else "cpu",
         )
         print(f"registered {len(rows)} pairs into {args.output} (summary: {Path(args.output) / 'summary.csv'})")
@@ -138,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     reg.add_argument("--pairs", help="CSV with columns moving,fixed[,moving_labels,fixed_labels]")
     reg.add_argument("--devices", type=int, default=1, help="processes/GPUs for --pairs (Lightning)")
+    reg.add_argument("--batch-size", type=int, default=4, help="--pairs on equal grids optimized together")
     reg.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     reg.set_defaults(func=_register)
 

@@ -45,7 +45,7 @@ from .transforms.matrix import Affine, MatrixTransform
 from .transforms.tps import ThinPlateSpline
 from .warp import apply
 
-__all__ = ["RegistrationResult", "Stage", "parse_pipeline", "register"]
+__all__ = ["RegistrationResult", "Stage", "parse_pipeline", "register", "register_many"]
 
 MATRIX = ("translation", "rigid", "similarity", "affine", "projective")
 DEFORMABLE = ("svf", "displacement", "bspline", "tps")
@@ -64,17 +64,39 @@ class Stage:
     control_spacing: float | None = None
 
 
+_MATRIX_LEVELS = {"shrink": (4, 2, 1), "iterations": (150, 60, 30)}
+_FIELD_LEVELS = {"shrink": (4, 2, 1), "iterations": (150, 100, 50)}
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "translation": {"shrink": (4, 2), "iterations": (150, 60), "lr": 0.01},
-    "rigid": {"shrink": (4, 2), "iterations": (150, 60), "lr": 0.01},
-    "similarity": {"shrink": (4, 2), "iterations": (150, 60), "lr": 0.01},
-    "affine": {"shrink": (4, 2), "iterations": (150, 60), "lr": 0.005},
-    "projective": {"shrink": (4, 2), "iterations": (150, 60), "lr": 0.002},
-    "svf": {"shrink": (4, 2, 1), "iterations": (150, 100, 50), "lr": 0.2, "smooth": 1.0, "field_factor": 2},
-    "displacement": {"shrink": (4, 2, 1), "iterations": (150, 100, 50), "lr": 0.2, "smooth": 1.0, "field_factor": 1},
-    "bspline": {"shrink": (4, 2, 1), "iterations": (150, 100, 50), "lr": 0.2, "control_spacing": 8.0},
-    "tps": {"shrink": (4, 2, 1), "iterations": (150, 100, 50), "lr": 0.2, "control_spacing": 16.0},
+    "translation": {**_MATRIX_LEVELS, "lr": 0.01},
+    "rigid": {**_MATRIX_LEVELS, "lr": 0.01},
+    "similarity": {**_MATRIX_LEVELS, "lr": 0.01},
+    "affine": {**_MATRIX_LEVELS, "lr": 0.005},
+    "projective": {**_MATRIX_LEVELS, "lr": 0.002},
+    "svf": {**_FIELD_LEVELS, "lr": 0.2, "smooth": 1.0, "field_factor": 2},
+    "displacement": {**_FIELD_LEVELS, "lr": 0.2, "smooth": 1.0, "field_factor": 1},
+    "bspline": {**_FIELD_LEVELS, "lr": 0.2, "control_spacing": 8.0},
+    "tps": {**_FIELD_LEVELS, "lr": 0.2, "control_spacing": 16.0},
 }
+# Matrix stages skip the full-resolution level above this many voxels: 12 parameters are pinned
+# down at half resolution, and a full-size 3D brain costs about a second per iteration on a CPU.
+MATRIX_FULL_RES_MAX_VOXELS = 2_000_000
+
+
+def _levels(stage: Stage, shape: Sequence[int]) -> list[tuple[int, int]]:
+    """(shrink factor, iterations) pairs for an image of ``shape``, dropping levels that do not fit.
+
+    Levels whose coarsest axis would fall below 12 voxels go (a user-given ``shrink`` is kept as
+    given apart from that); a default matrix stage drops full resolution for very large images.
+    """
+    levels = list(zip(stage.shrink, stage.iterations, strict=True))
+    fit = [(f, n) for f, n in levels if min(shape) / f >= 12] or [min(levels, key=lambda x: x[0])]
+    if (
+        stage.family in MATRIX
+        and stage.shrink == DEFAULTS[stage.family]["shrink"]
+        and math.prod(shape) > (MATRIX_FULL_RES_MAX_VOXELS)
+    ):
+        fit = [(f, n) for f, n in fit if f > 1] or fit
+    return fit
 
 
 def parse_pipeline(transform: str | Sequence[str | Stage]) -> list[Stage]:
@@ -285,17 +307,8 @@ def register(
     transform: str | Sequence[str | Stage] = "rigid+affine+svf",
     loss: str = "lncc",
     *,
-    window: int | float = 7,
-    window_mm: bool = False,
-    bins: int = 32,
-    regularization: dict[str, float] | None = None,
     labels: tuple[Any, Any] | None = None,
-    dice_weight: float = 0.0,
-    fixed_mask: Any = None,
-    init: str = "com",
-    device: str | torch.device | None = None,
-    progress: bool = True,
-    seed: int = 0,
+    **kwargs: Any,
 ) -> RegistrationResult:
     """Register ``moving`` to ``fixed``; the result lives on the fixed grid.
 
@@ -306,107 +319,148 @@ def register(
             ``"tps"``, or :class:`Stage` objects for custom pyramids and iterations.
         loss: ``"mse"``, ``"ncc"``, ``"lncc"`` (``window`` in voxels, or mm with ``window_mm``),
             ``"mi"`` (``bins``; for multi-modal pairs).
+        labels: ``(moving_labels, fixed_labels)`` label maps (first channel used); used for Dice
+            and HD95 metrics, and for a Dice loss when ``dice_weight > 0``.
+        **kwargs: the keyword options of :func:`register_many` (``window``, ``regularization``,
+            ``fixed_mask``, ``init``, ``device``, ...).
+    """
+    return register_many([moving], [fixed], transform, loss, labels=None if labels is None else [labels], **kwargs)[0]
+
+
+def _item(t: Transform, i: int) -> Transform:
+    """Batch item ``i`` of a (possibly composite) transform."""
+    if isinstance(t, Composite):
+        return Composite([_item(x, i) for x in t.transforms])
+    if isinstance(t, ParametricTransform):
+        return t.with_params(t.params[i : i + 1])
+    raise TypeError(f"cannot take a batch item of {type(t).__name__}")
+
+
+def register_many(
+    movings: Sequence[Image | Tensor | np.ndarray | str | os.PathLike],
+    fixeds: Sequence[Image | Tensor | np.ndarray | str | os.PathLike],
+    transform: str | Sequence[str | Stage] = "rigid+affine+svf",
+    loss: str = "lncc",
+    *,
+    window: int | float = 9,
+    window_mm: bool = False,
+    bins: int = 32,
+    regularization: dict[str, float] | None = None,
+    labels: Sequence[tuple[Any, Any] | None] | None = None,
+    dice_weight: float = 0.0,
+    fixed_mask: Any = None,
+    init: str = "com",
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    seed: int = 0,
+) -> list[RegistrationResult]:
+    """Register ``N`` pairs in one batched optimization; all fixed images share one grid, and all
+    moving images another (the usual case for a preprocessed dataset or an atlas).
+
+    Each pair keeps its own parameters (Adam updates every parameter independently), so the
+    results equal ``N`` separate registrations up to early stopping, which watches the batch mean.
+
+    Args:
+        window: LNCC window in voxels (odd), or mm with ``window_mm``.
+        bins: histogram bins of ``"mi"``.
         regularization: weights of ``"diffusion"``, ``"bending"``, ``"folding"`` on the deformable
-            stage (defaults: diffusion 1.0 for svf/displacement, bending 1.0 for bspline/tps).
-        labels: ``(moving_labels, fixed_labels)`` label maps; used for Dice metrics, and for a Dice
-            loss when ``dice_weight > 0``.
+            stage (defaults: diffusion 0.5 for svf/displacement, bending 1.0 for bspline/tps).
+        labels: per pair ``(moving_labels, fixed_labels)`` or ``None``.
+        dice_weight: weight of a Dice loss on the labels (labels present in every pair).
         fixed_mask: optional mask on the fixed grid restricting the similarity.
         init: ``"com"`` (centres of mass), ``"moments"`` (principal axes too) or ``"none"``.
         device: ``"cpu"``, ``"cuda"``...; defaults to CUDA when available.
+        progress: show a progress bar over stages, levels and iterations.
     """
     t_start = time.perf_counter()
-    mov_img, fix_img = _load(moving, "moving"), _load(fixed, "fixed")
-    if mov_img.ndim != fix_img.ndim:
-        raise ValueError(
-            f"dimension mismatch: moving {mov_img.name} is {mov_img.ndim}D, fixed {fix_img.name} is {fix_img.ndim}D"
-        )
+    if len(movings) != len(fixeds) or not movings:
+        raise ValueError(f"need as many moving as fixed images (got {len(movings)} and {len(fixeds)})")
+    mov_imgs = [_load(m, "moving") for m in movings]
+    fix_imgs = [_load(f, "fixed") for f in fixeds]
+    for m, f in zip(mov_imgs, fix_imgs, strict=True):
+        if m.ndim != f.ndim:
+            raise ValueError(f"dimension mismatch: moving {m.name} is {m.ndim}D, fixed {f.name} is {f.ndim}D")
+    for imgs, what in ((mov_imgs, "moving"), (fix_imgs, "fixed")):
+        for other in imgs[1:]:
+            if not other.grid.same_geometry(imgs[0].grid):
+                raise ValueError(f"batched registration needs the {what} images on one grid: {other.name} differs")
     if loss not in SIMILARITIES:
         raise ValueError(f"loss must be one of {', '.join(SIMILARITIES)}, got {loss!r}")
     stages = parse_pipeline(transform)
+    n = len(mov_imgs)
+    mgrid, fgrid = mov_imgs[0].grid, fix_imgs[0].grid
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gen = torch.Generator(device=dev).manual_seed(seed)
-    m_int, f_int = (x.to(dev) for x in _intensities(mov_img, fix_img, joint=loss == "mse"))
+    pairs_int = [_intensities(m, f, joint=loss == "mse") for m, f in zip(mov_imgs, fix_imgs, strict=True)]
+    m_int = torch.cat([p[0] for p in pairs_int]).to(dev)
+    f_int = torch.cat([p[1] for p in pairs_int]).to(dev)
     fmask = None if fixed_mask is None else _load(fixed_mask, "fixed mask").batch(device=dev)
-    if fmask is not None and tuple(fmask.shape[2:]) != fix_img.grid.shape:
-        raise ValueError(
-            f"fixed mask shape {tuple(fmask.shape[2:])} does not match the fixed grid {fix_img.grid.shape}"
-        )
-    lab_m = lab_f = None
-    label_ids: list[int] = []
-    if labels is not None:
-        lab_m, lab_f = _load(labels[0], "moving labels", True), _load(labels[1], "fixed labels", True)
-        if lab_m.grid.shape != mov_img.grid.shape or lab_f.grid.shape != fix_img.grid.shape:
-            raise ValueError("label maps must lie on the grids of their images")
-        from .metrics import label_values
-
-        in_m, in_f = set(label_values(lab_m.data)), set(label_values(lab_f.data))
-        label_ids = sorted(in_m & in_f)
-        if not label_ids:
-            raise ValueError(
-                f"the label maps share no non-zero label: {lab_m.name} has {sorted(in_m)[:10]}, "
-                f"{lab_f.name} has {sorted(in_f)[:10]}"
-            )
-    sizes = zip(fix_img.grid.spacing, reversed(fix_img.grid.shape), strict=True)
-    extent = float(np.mean([s * n / 2 for s, n in sizes]))
-    voxel = float(np.mean(fix_img.grid.spacing))
-    win = window
-    if window_mm:
-        win = max(3, round(window / voxel) | 1)
+    if fmask is not None and tuple(fmask.shape[2:]) != fgrid.shape:
+        raise ValueError(f"fixed mask shape {tuple(fmask.shape[2:])} does not match the fixed grid {fgrid.shape}")
+    label_maps, label_ids = _load_labels(labels, mov_imgs, fix_imgs)
+    sizes = zip(fgrid.spacing, reversed(fgrid.shape), strict=True)
+    extent = float(np.mean([s * k / 2 for s, k in sizes]))
+    voxel = float(np.mean(fgrid.spacing))
+    win = max(3, round(window / voxel) | 1) if window_mm else int(window)
     sim = SIMILARITIES[loss]
 
     def similarity(a: Tensor, b: Tensor, mask: Tensor | None) -> Tensor:
         if loss == "lncc":
-            return sim(a, b, window=int(win), mask=mask)
+            return sim(a, b, window=win, mask=mask)
         if loss == "mi":
             return sim(a, b, bins=bins, mask=mask, generator=gen)
         return sim(a, b, mask=mask)
 
-    m0, center = _initial_matrix(f_int.cpu(), fix_img.grid, m_int.cpu(), mov_img.grid, init)
-    prefix: Transform = Affine.from_matrix(m0.unsqueeze(0).float()).to(dev)
+    inits = [_initial_matrix(f_int[i : i + 1].cpu(), fgrid, m_int[i : i + 1].cpu(), mgrid, init) for i in range(n)]
+    m0 = torch.stack([x[0] for x in inits])
+    center = torch.stack([x[1] for x in inits]).mean(0)
+    prefix: Transform = Affine.from_matrix(m0.float()).to(dev)
     matrix_total = prefix
     deformable: Transform | None = None
     history: list[dict[str, Any]] = []
     timings: dict[str, float] = {}
-    total_iters = sum(sum(s.iterations) for s in stages)
+    total_iters = sum(n for s in stages for _, n in _levels(s, fgrid.shape))
     bar = tqdm(total=total_iters, desc="register", unit="it", disable=not progress or None, leave=False)
     onehot_m = onehot_f = None
-    if labels is not None and dice_weight > 0:
-        onehot_m = torch.stack([(lab_m.data[0] == v) for v in label_ids]).float().unsqueeze(0).to(dev)
-        onehot_f = torch.stack([(lab_f.data[0] == v) for v in label_ids]).float().unsqueeze(0).to(dev)
+    if dice_weight > 0:
+        common = sorted(set.intersection(*[set(ids) for ids in label_ids])) if all(label_maps) else []
+        if not common:
+            raise ValueError("dice_weight > 0 needs label maps for every pair with at least one common label")
+        onehot_m = torch.stack([torch.stack([lm[0].data[0] == v for v in common]) for lm in label_maps]).float().to(dev)
+        onehot_f = torch.stack([torch.stack([lm[1].data[0] == v for v in common]) for lm in label_maps]).float().to(dev)
 
     for si, stage in enumerate(stages):
         t_stage = time.perf_counter()
-        family = _make_stage_transform(stage, fix_img.grid, center.float(), voxel).to(dev)
+        family = _make_stage_transform(stage, fgrid, center.float(), voxel).to(dev)
         scale = _scale_for(family, extent, voxel).to(dev, torch.float32)
-        init_params = family.identity_params(1).to(dev)
+        init_params = family.identity_params(n).to(dev)
         raw = torch.zeros_like(init_params, requires_grad=True)
         weights = dict(regularization or {})
         if not weights and stage.family in DEFORMABLE:
-            weights = {"diffusion": 1.0} if stage.family in ("svf", "displacement") else {"bending": 1.0}
+            weights = {"diffusion": 0.5} if stage.family in ("svf", "displacement") else {"bending": 1.0}
         for name in weights:
             if name not in REGULARIZERS:
                 raise ValueError(f"unknown regularizer {name!r}; choose from {', '.join(REGULARIZERS)}")
-        for li, factor in enumerate(stage.shrink):
-            f_l, fgrid_l = _downsample(f_int, fix_img.grid, factor)
-            m_l, mgrid_l = _downsample(m_int, mov_img.grid, factor)
-            mask_l = None if fmask is None else _downsample(fmask.float(), fix_img.grid, factor)[0]
+        for factor, iterations in _levels(stage, fgrid.shape):
+            f_l, fgrid_l = _downsample(f_int, fgrid, factor)
+            m_l, mgrid_l = _downsample(m_int, mgrid, factor)
+            mask_l = None if fmask is None else _downsample(fmask.float(), fgrid, factor)[0]
             ohm_l = ohf_l = None
             if onehot_m is not None:
-                ohm_l = _downsample(onehot_m, mov_img.grid, factor)[0]
-                ohf_l = _downsample(onehot_f, fix_img.grid, factor)[0]
+                ohm_l = _downsample(onehot_m, mgrid, factor)[0]
+                ohf_l = _downsample(onehot_f, fgrid, factor)[0]
             opt = torch.optim.Adam([raw], lr=stage.lr)
             # Cosine decay to 5% lets Adam settle into the optimum instead of circling it.
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, stage.iterations[li], eta_min=0.05 * stage.lr)
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, iterations, eta_min=0.05 * stage.lr)
             best, stall = math.inf, 0
-            for it in range(stage.iterations[li]):
+            for it in range(iterations):
                 opt.zero_grad(set_to_none=True)
                 params = _params_from_raw(raw, scale, init_params, family, stage)
                 current = family.with_params(params)
                 # Matrix after matrix folds into one matrix (one affine_grid call); a field composes.
                 coords = prefix.compose(current).sampling_grid(fgrid_l, mgrid_l)
                 warped = sample(m_l, coords, "linear", "border")
-                value = similarity(warped, f_l, mask_l)
-                total = value
+                total = similarity(warped, f_l, mask_l)
                 if stage.family in DEFORMABLE:
                     fld = _field_for_regularizer(family, params)
                     for name, w in weights.items():
@@ -427,7 +481,7 @@ def register(
                 else:
                     stall += 1
                     if stall >= 40:
-                        bar.update(stage.iterations[li] - it - 1)
+                        bar.update(iterations - it - 1)
                         break
         with torch.no_grad():
             final = family.with_params(_params_from_raw(raw, scale, init_params, family, stage).detach())
@@ -437,10 +491,7 @@ def register(
             deformable = final
         timings[f"stage_{si}_{stage.family}_s"] = time.perf_counter() - t_stage
     bar.close()
-    full: Transform = matrix_total if deformable is None else Composite([matrix_total, deformable])
-    with torch.no_grad():
-        warped_img = apply(full, mov_img, fix_img)
-    timings["total_s"] = time.perf_counter() - t_start
+    timings["optimization_s"] = time.perf_counter() - t_start
     settings = {
         "transform": "+".join(s.family for s in stages),
         "stages": [s.__dict__ for s in stages],
@@ -452,22 +503,65 @@ def register(
         "init": init,
         "device": str(dev),
         "seed": seed,
+        "batch_size": n,
     }
-    result = RegistrationResult(
-        warped=Image(warped_img.data, fix_img.grid, "warped"),
-        transform=full.cpu(),
-        matrix=matrix_total.cpu(),
-        deformable=None if deformable is None else deformable.cpu(),
-        fixed=fix_img,
-        moving=mov_img,
-        settings=settings,
-        history=history,
-        timings=timings,
-    )
     from .report import evaluate
 
-    result.metrics = evaluate(result, lab_m, lab_f, label_ids)
-    return result
+    results = []
+    for i in range(n):
+        mat = _item(matrix_total, i).cpu()
+        deform = None if deformable is None else _item(deformable, i).cpu()
+        full: Transform = mat if deform is None else Composite([mat, deform])
+        with torch.no_grad():
+            warped = apply(full, mov_imgs[i], fix_imgs[i])
+        res = RegistrationResult(
+            warped=Image(warped.data, fgrid, "warped"),
+            transform=full,
+            matrix=mat,
+            deformable=deform,
+            fixed=fix_imgs[i],
+            moving=mov_imgs[i],
+            settings=settings,
+            history=history,
+            timings=dict(timings, total_s=time.perf_counter() - t_start),
+        )
+        lm, lf = label_maps[i] if label_maps[i] else (None, None)
+        res.metrics = evaluate(res, lm, lf, label_ids[i])
+        results.append(res)
+    return results
+
+
+def _load_labels(
+    labels: Sequence[tuple[Any, Any] | None] | None, mov_imgs: list[Image], fix_imgs: list[Image]
+) -> tuple[list[tuple[Image, Image] | None], list[list[int]]]:
+    """Label maps per pair (first channel) and the non-zero labels each pair shares."""
+    from .metrics import label_values
+
+    if labels is None:
+        return [None] * len(mov_imgs), [[] for _ in mov_imgs]
+    if len(labels) != len(mov_imgs):
+        raise ValueError(f"labels given for {len(labels)} pairs, but there are {len(mov_imgs)}")
+    maps: list[tuple[Image, Image] | None] = []
+    ids: list[list[int]] = []
+    for pair, m, f in zip(labels, mov_imgs, fix_imgs, strict=True):
+        if pair is None:
+            maps.append(None)
+            ids.append([])
+            continue
+        lm, lf = (_load(x, what, True) for x, what in zip(pair, ("moving labels", "fixed labels"), strict=True))
+        lm, lf = Image(lm.data[:1], lm.grid, lm.name), Image(lf.data[:1], lf.grid, lf.name)
+        if lm.grid.shape != m.grid.shape or lf.grid.shape != f.grid.shape:
+            raise ValueError(f"label maps {lm.name}, {lf.name} must lie on the grids of their images")
+        in_m, in_f = set(label_values(lm.data)), set(label_values(lf.data))
+        common = sorted(in_m & in_f)
+        if not common:
+            raise ValueError(
+                f"the label maps share no non-zero label: {lm.name} has {sorted(in_m)[:10]}, "
+                f"{lf.name} has {sorted(in_f)[:10]}"
+            )
+        maps.append((lm, lf))
+        ids.append(common)
+    return maps, ids
 
 
 def _params_from_raw(raw: Tensor, scale: Tensor, init: Tensor, family: ParametricTransform, stage: Stage) -> Tensor:
