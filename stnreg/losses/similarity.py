@@ -34,7 +34,7 @@ def mse_loss(a: Tensor, b: Tensor, mask: Tensor | None = None) -> Tensor:
     return _weighted_mean((a - b).square(), mask).mean()
 
 
-def ncc_loss(a: Tensor, b: Tensor, mask: Tensor | None = None, eps: float = 1e-6) -> Tensor:
+def ncc_loss(a: Tensor, b: Tensor, mask: Tensor | None = None, eps: float = 1e-12) -> Tensor:
     """``1 - NCC`` with the global normalized cross-correlation over each image (in [0, 2])."""
     _check_pair(a, b)
     ma, mb = _weighted_mean(a, mask), _weighted_mean(b, mask)
@@ -42,7 +42,7 @@ def ncc_loss(a: Tensor, b: Tensor, mask: Tensor | None = None, eps: float = 1e-6
     da, db = a - ma.view(shape), b - mb.view(shape)
     cov = _weighted_mean(da * db, mask)
     var = _weighted_mean(da.square(), mask) * _weighted_mean(db.square(), mask)
-    return (1 - cov / (var + eps).sqrt()).mean()
+    return (1 - cov / var.clamp_min(eps).sqrt()).mean()
 
 
 def _box_filter(x: Tensor, window: Sequence[int]) -> Tensor:
@@ -66,12 +66,14 @@ def _box_filter(x: Tensor, window: Sequence[int]) -> Tensor:
 
 
 def lncc_loss(
-    a: Tensor, b: Tensor, window: int | Sequence[int] = 9, mask: Tensor | None = None, eps: float = 1e-5
+    a: Tensor, b: Tensor, window: int | Sequence[int] = 9, mask: Tensor | None = None, eps: float = 1e-8
 ) -> Tensor:
     """``1 - mean(cc)`` with the squared local correlation ``cc`` in a moving window (VoxelMorph's LNCC).
 
     Args:
         window: odd window size in voxels, one value or one per axis (array order).
+        eps: added to the product of the local variances (of window means, so ``1e-8`` here is
+            about VoxelMorph's ``1e-5`` on window sums); flat windows contribute ``cc = 0``.
     """
     _check_pair(a, b)
     d = a.dim() - 2
@@ -83,7 +85,7 @@ def lncc_loss(
     cross = ab - ma * mb
     var_a = (aa - ma * ma).clamp_min(0)
     var_b = (bb - mb * mb).clamp_min(0)
-    cc = cross.square() / (var_a * var_b + eps)
+    cc = (cross.square() / (var_a * var_b + eps)).clamp(max=1.0)
     return (1 - _weighted_mean(cc, mask)).mean()
 
 

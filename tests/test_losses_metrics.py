@@ -1,0 +1,86 @@
+import math
+
+import pytest
+import torch
+from helpers import smooth_image
+
+from stnreg import Grid
+from stnreg.fields import jacobian_determinant, world_to_voxel_displacement
+from stnreg.losses import bending_energy, dice_loss, diffusion, folding_penalty, lncc_loss, mi_loss, mse_loss, ncc_loss
+from stnreg.losses.similarity import _box_filter
+from stnreg.metrics import centroid_distance, dice, hd95, jacobian_stats, landmark_error
+
+
+def test_similarities_are_zero_or_minimal_for_identical_images():
+    a = smooth_image((20, 22), seed=1)
+    assert mse_loss(a, a) == 0
+    assert ncc_loss(a, a) < 1e-6
+    assert lncc_loss(a, a, window=5) < 0.01  # eps keeps flat windows out of it
+    shifted = torch.roll(a, 3, dims=-1)
+    assert ncc_loss(a, shifted) > ncc_loss(a, a)
+    assert lncc_loss(a, shifted, 5) > lncc_loss(a, a, 5)
+    # MI is invariant to a monotone intensity change and prefers aligned images.
+    assert mi_loss(a, 1 - a) < mi_loss(a, shifted)
+
+
+def test_box_filter_is_a_moving_average():
+    x = torch.rand(1, 2, 7, 8, 9, dtype=torch.float64)
+    out = _box_filter(x, (3, 5, 1))
+    want = torch.nn.functional.avg_pool3d(x, (3, 5, 1), stride=1, padding=(1, 2, 0), count_include_pad=True)
+    torch.testing.assert_close(out, want)
+
+
+@pytest.mark.parametrize("loss", [mse_loss, ncc_loss, lncc_loss, mi_loss, dice_loss])
+def test_losses_gradcheck(loss):
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(1, 1, 6, 7, dtype=torch.float64, generator=g).requires_grad_()
+    b = torch.rand(1, 1, 6, 7, dtype=torch.float64, generator=g)
+    kwargs = {"window": 3} if loss is lncc_loss else {}
+    assert torch.autograd.gradcheck(lambda x: loss(x, b, **kwargs), (a,))
+
+
+def test_masked_similarity_ignores_outside():
+    a = smooth_image((16, 16), seed=2)
+    b = a.clone()
+    b[..., :, 8:] = 0
+    mask = torch.zeros(1, 1, 16, 16, dtype=torch.float64)
+    mask[..., :, :8] = 1
+    assert mse_loss(a, b, mask) == 0 and mse_loss(a, b) > 0
+
+
+def test_regularizers():
+    zero = torch.zeros(1, 2, 8, 8, dtype=torch.float64)
+    assert diffusion(zero) == 0 and bending_energy(zero) == 0 and folding_penalty(zero) == 0
+    # A linear field has no bending but diffuses.
+    y, x = torch.meshgrid(torch.arange(8.0), torch.arange(8.0), indexing="ij")
+    lin = torch.stack([0.1 * x, 0.2 * y])[None].double()
+    assert bending_energy(lin) < 1e-12 and diffusion(lin) > 0
+    folded = torch.stack([-2.0 * x, torch.zeros_like(y)])[None].double()  # x -> -x: det < 0
+    assert folding_penalty(folded) > 0
+
+
+def test_jacobian_of_known_maps():
+    z, y, x = torch.meshgrid(torch.arange(6.0), torch.arange(7.0), torch.arange(8.0), indexing="ij")
+    disp = torch.stack([0.5 * x, torch.zeros_like(y), -0.25 * z])[None].double()  # scale 1.5 x 1 x 0.75
+    torch.testing.assert_close(jacobian_determinant(disp), torch.full((1, 6, 7, 8), 1.125, dtype=torch.float64))
+    grid = Grid((6, 7, 8), spacing=(2.0, 1.0, 0.5))
+    disp_mm = disp[0] * torch.tensor([2.0, 1.0, 0.5], dtype=torch.float64).view(3, 1, 1, 1)
+    torch.testing.assert_close(world_to_voxel_displacement(disp_mm[None], grid.index_to_world()), disp)
+    stats = jacobian_stats(disp_mm, grid)
+    assert stats["folding_percent"] == 0 and abs(stats["jacobian_min"] - 1.125) < 1e-9 and stats["sdlogj"] < 1e-9
+
+
+def test_dice_hd95_and_distances():
+    a = torch.zeros(20, 20, dtype=torch.long)
+    b = torch.zeros(20, 20, dtype=torch.long)
+    a[5:15, 5:15] = 1
+    b[5:15, 7:17] = 1  # shifted by 2 voxels along x
+    d = dice(a, b)
+    assert abs(d[1] - 2 * 80 / 200) < 1e-12
+    grid = Grid((20, 20), spacing=(0.5, 1.0))
+    h = hd95(a, b, grid)
+    assert abs(h[1] - 1.0) < 1e-9  # 2 voxels of 0.5 mm
+    assert abs(centroid_distance(a, b, grid)[1] - 1.0) < 1e-9
+    assert math.isnan(dice(a, b, [3])[3])
+    err = landmark_error(torch.zeros(3, 3), torch.tensor([[3.0, 4.0, 0.0]] * 3))
+    assert err["mean"] == 5.0
