@@ -36,16 +36,17 @@ from pathlib import Path
 os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import numpy as np  # noqa: E402
-import SimpleITK as sitk  # noqa: E402
-import torch  # noqa: E402
+import contextlib
 
-import stnreg  # noqa: E402
-from stnreg.image import Image  # noqa: E402
-from stnreg.io import grid_from_sitk, to_sitk  # noqa: E402
-from stnreg.metrics import centroid_distance, dice, hd95, jacobian_stats  # noqa: E402
-from stnreg.sampler import gaussian_blur  # noqa: E402
-from stnreg.transforms import Displacement, StationaryVelocity  # noqa: E402
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+import stnreg
+from stnreg.image import Image
+from stnreg.metrics import centroid_distance, dice, hd95, jacobian_stats
+from stnreg.sampler import gaussian_blur
+from stnreg.transforms import Displacement, StationaryVelocity
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_DATA = Path(os.environ.get("STNREG_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -61,10 +62,8 @@ def _status_kib(field: str) -> int:
 def measured(fn: Callable[[], object]) -> tuple[object, float, float]:
     """Run ``fn``; return (result, seconds, peak RSS growth in MiB)."""
     base = _status_kib("VmRSS")
-    try:
+    with contextlib.suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
     t = time.perf_counter()
     out = fn()
     seconds = time.perf_counter() - t
