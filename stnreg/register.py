@@ -43,7 +43,7 @@ from .transforms.bspline import BSpline
 from .transforms.dense import Displacement, StationaryVelocity
 from .transforms.matrix import Affine, MatrixTransform
 from .transforms.tps import ThinPlateSpline
-from .warp import apply
+from .warp import apply, warp
 
 __all__ = ["RegistrationResult", "Stage", "parse_pipeline", "register", "register_many"]
 
@@ -457,9 +457,9 @@ def register_many(
                 opt.zero_grad(set_to_none=True)
                 params = _params_from_raw(raw, scale, init_params, family, stage)
                 current = family.with_params(params)
-                # Matrix after matrix folds into one matrix (one affine_grid call); a field composes.
-                coords = prefix.compose(current).sampling_grid(fgrid_l, mgrid_l)
-                warped = sample(m_l, coords, "linear", "border")
+                # Matrix after matrix folds into one matrix (the fused fast path); a field composes.
+                mapping = prefix.compose(current)
+                warped = warp(m_l, mapping, fgrid_l, mgrid_l, padding="border")
                 total = similarity(warped, f_l, mask_l)
                 if stage.family in DEFORMABLE:
                     fld = _field_for_regularizer(family, params)
@@ -467,7 +467,7 @@ def register_many(
                         if w and fld is not None:
                             total = total + w * REGULARIZERS[name](fld)
                 if ohm_l is not None:
-                    total = total + dice_weight * dice_loss(sample(ohm_l, coords, "linear", "zeros"), ohf_l)
+                    total = total + dice_weight * dice_loss(warp(ohm_l, mapping, fgrid_l, mgrid_l), ohf_l)
                 total.backward()
                 opt.step()
                 sched.step()

@@ -9,9 +9,11 @@ from torch import Tensor
 
 from ._checks import check_image
 from .coords import Grid
+from .fast import fast_available, fused_affine_warp
 from .image import Image
 from .sampler import sample
 from .transforms.base import Transform
+from .transforms.matrix import MatrixTransform
 
 __all__ = ["apply", "warp"]
 
@@ -45,7 +47,18 @@ def warp(
         raise ValueError("world-space warping needs both the output Grid and the source Grid")
     if source is not None and source.shape != tuple(image.shape[2:]):
         raise ValueError(f"source Grid shape {source.shape} does not match the image's {tuple(image.shape[2:])}")
-    coords = transform.sampling_grid(tuple(image.shape[2:]) if out is None else out, source)
+    out = tuple(image.shape[2:]) if out is None else out
+    if (
+        isinstance(transform, MatrixTransform)
+        and not transform.projective
+        and mode == "linear"
+        and not antialias
+        and fast_available(image, padding)
+    ):
+        # Coordinates made on the fly, gradient straight to the matrix (stnreg.fast).
+        theta = transform.affine_theta(out, source).to(image.dtype)
+        return fused_affine_warp(image, theta, tuple(out.shape if isinstance(out, Grid) else out), padding)
+    coords = transform.sampling_grid(out, source)
     return sample(image, coords, mode=mode, padding=padding, antialias=antialias)
 
 

@@ -115,21 +115,29 @@ class MatrixTransform(ParametricTransform):
         out = homog[..., :d] / homog[..., d:]
         return out.reshape((out.shape[0], *points.shape[1:]))
 
+    def affine_theta(self, out: Sequence[int] | Grid, source: Grid | None = None) -> Tensor:
+        """``(N, d, d+1)`` map from output normalized to source normalized coordinates (``affine_grid``'s θ)."""
+        if isinstance(out, Grid) and source is None:
+            raise ValueError("a world-space output Grid needs the source Grid too")
+        if self.projective:
+            raise ValueError("a projective map has no affine θ")
+        m = self.matrix()
+        if isinstance(out, Grid):
+            # Output normalized -> world -> T -> source normalized, composed in float64 so that world
+            # offsets of hundreds of mm lose no precision.
+            dev = self._device()
+            pre = index_to_domain(out, dev) @ normalized_to_index_matrix(out.shape, device=dev)
+            m = source.world_to_normalized(device=dev) @ (m.double() @ pre)
+        return m.to(self._dtype())[:, : self.ndim, :]
+
     def sampling_grid(self, out: Sequence[int] | Grid, source: Grid | None = None) -> Tensor:
         """One ``affine_grid`` call: output normalized -> domain -> source normalized, all in one matrix."""
         if isinstance(out, Grid) and source is None:
             raise ValueError("a world-space output Grid needs the source Grid too")
         if self.projective:
             return super().sampling_grid(out, source)
+        theta = self.affine_theta(out, source)
         shape = tuple(out.shape if isinstance(out, Grid) else out)
-        m = self.matrix()
-        if isinstance(out, Grid):
-            # Output normalized -> world -> T -> source normalized, composed in float64 so that world
-            # offsets of hundreds of mm lose no precision.
-            dev = self._device()
-            pre = index_to_domain(out, dev) @ normalized_to_index_matrix(shape, device=dev)
-            m = source.world_to_normalized(device=dev) @ (m.double() @ pre)
-        theta = m.to(self._dtype())[:, : self.ndim, :]
         return F.affine_grid(theta, [theta.shape[0], 1, *shape], align_corners=False)
 
     def compose(self, other: Transform) -> Transform:

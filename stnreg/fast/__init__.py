@@ -1,0 +1,110 @@
+"""Fast paths behind the public warp API, chosen automatically when they apply.
+
+:func:`fused_affine_warp` samples an image through a matrix transform with the coordinates made
+on the fly (no grid tensor) and returns the transform's gradient directly in the backward pass.
+It runs numba kernels on the CPU; elsewhere (or with ``STNREG_FAST=0``, or without numba) the
+reference ``affine_grid`` + ``grid_sample`` path runs, after a one-line notice the first time.
+The two agree to float32 rounding (see ``tests/test_fast.py``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+from torch import Tensor
+
+from .._checks import check_batch
+
+__all__ = ["fast_available", "fused_affine_warp"]
+
+_NOTICE_GIVEN = False
+_KERNELS = None
+
+
+def _kernels():
+    """Import (and JIT-compile on first use) the numba kernels; ``None`` where they cannot run."""
+    global _KERNELS, _NOTICE_GIVEN
+    if _KERNELS is None:
+        try:
+            from . import affine_cpu
+
+            _KERNELS = affine_cpu
+        except Exception as err:  # numba missing, or an unsupported platform
+            _KERNELS = False
+            if not _NOTICE_GIVEN:
+                reason = f"{type(err).__name__}: {err}"
+                print(f"stnreg: fast CPU warps unavailable ({reason}); using grid_sample", file=sys.stderr)
+                _NOTICE_GIVEN = True
+    return _KERNELS or None
+
+
+def fast_available(image: Tensor, padding: str) -> bool:
+    """Whether :func:`fused_affine_warp` can take this image and padding mode."""
+    if os.environ.get("STNREG_FAST", "1") == "0":
+        return False
+    if image.device.type != "cpu" or image.dtype not in (torch.float32, torch.float64):
+        return False
+    if padding not in ("zeros", "border"):
+        return False
+    return _kernels() is not None
+
+
+def _threads() -> None:
+    import numba
+
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+
+
+class _FusedAffine(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, image: Tensor, theta: Tensor, out_shape: tuple[int, ...], border: bool) -> Tensor:
+        k = _kernels()
+        _threads()
+        img = image.detach().contiguous()
+        th = theta.detach().to(torch.float64).contiguous()
+        out = torch.empty((image.shape[0], image.shape[1], *out_shape), dtype=image.dtype)
+        fwd = k.affine2d_forward if len(out_shape) == 2 else k.affine3d_forward
+        fwd(img.numpy(), th.numpy(), out.numpy(), border)
+        ctx.save_for_backward(img, th)
+        ctx.border = border
+        ctx.theta_dtype = theta.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        k = _kernels()
+        _threads()
+        img, th = ctx.saved_tensors
+        go = grad_out.contiguous().to(img.dtype)
+        d = img.dim() - 2
+        grad_img = grad_theta = None
+        if ctx.needs_input_grad[1]:
+            partial = torch.zeros((img.shape[0], go.shape[2], d, d + 1), dtype=torch.float64)
+            fn = k.affine2d_grad_theta if d == 2 else k.affine3d_grad_theta
+            fn(img.numpy(), th.numpy(), go.numpy(), partial.numpy(), ctx.border)
+            grad_theta = partial.sum(1).to(ctx.theta_dtype)
+        if ctx.needs_input_grad[0]:
+            gimg = torch.zeros(img.shape, dtype=torch.float64)
+            fn = k.affine2d_grad_image if d == 2 else k.affine3d_grad_image
+            fn(th.numpy(), go.double().numpy(), gimg.numpy(), ctx.border)
+            grad_img = gimg.to(img.dtype)
+        return grad_img, grad_theta, None, None
+
+
+def fused_affine_warp(image: Tensor, theta: Tensor, out_shape: tuple[int, ...], padding: str = "zeros") -> Tensor:
+    """``grid_sample(image, affine_grid(theta, out_shape))`` without the grid, ``align_corners=False``.
+
+    Args:
+        image: ``(N, C, H, W)`` or ``(N, C, D, H, W)`` float32/float64 on the CPU.
+        theta: ``(N or 1, d, d+1)`` map from output to input normalized coordinates.
+        out_shape: output spatial shape, array order.
+        padding: ``"zeros"`` or ``"border"``.
+    """
+    n = check_batch(image.shape[0], theta.shape[0], "image and transform")
+    if image.shape[0] != n:
+        image = image.expand(n, *image.shape[1:])
+    if theta.shape[0] != n:
+        theta = theta.expand(n, *theta.shape[1:])
+    return _FusedAffine.apply(image, theta, tuple(int(s) for s in out_shape), padding == "border")
