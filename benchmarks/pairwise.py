@@ -330,6 +330,7 @@ def main() -> None:
     warm = Image(torch.rand(1, 32, 32), stnreg.Grid((32, 32)))
     stnreg.register(warm, warm, "affine+svf", progress=False, device="cpu")
     rows = []
+    RESULTS.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmpd:
         for name in args.cases.split(","):
             for case in CASES[name](args.data, Path(tmpd), 1 if name == "slices2d" else args.pairs):
@@ -346,6 +347,8 @@ def main() -> None:
                         continue
                     rows.append({"case": case["case"], "method": mname, "seconds": secs, "peak_mib": mem, **r})
                     print(f"{case['case']:24} {mname:26} {secs:7.2f}s {mem:7.0f}MiB {r}", flush=True)
+                    # Keep what was measured even if a later case is interrupted.
+                    (RESULTS / f"{args.out}.partial.json").write_text(json.dumps(rows, indent=1, default=float))
     cols = [
         "dice",
         "hd95",
@@ -378,6 +381,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.out}.md").write_text(head + body + "\n" + summary)
     (RESULTS / f"{args.out}.json").write_text(json.dumps(rows, indent=1, default=float))
+    (RESULTS / f"{args.out}.partial.json").unlink(missing_ok=True)
     print(head + body + "\n" + summary)
 
 

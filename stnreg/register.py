@@ -64,8 +64,10 @@ class Stage:
     control_spacing: float | None = None
 
 
-_MATRIX_LEVELS = {"shrink": (4, 2, 1), "iterations": (150, 60, 30)}
-_FIELD_LEVELS = {"shrink": (4, 2, 1), "iterations": (150, 100, 50)}
+# Iterations per pyramid level (coarse to fine); with early stopping, measured on the prostate
+# pairs to halve the time of (150, 60, 30) / (150, 100, 50) for 0.01 less Dice.
+_MATRIX_LEVELS = {"shrink": (4, 2, 1), "iterations": (80, 40, 20)}
+_FIELD_LEVELS = {"shrink": (4, 2, 1), "iterations": (80, 50, 20)}
 DEFAULTS: dict[str, dict[str, Any]] = {
     "translation": {**_MATRIX_LEVELS, "lr": 0.01},
     "rigid": {**_MATRIX_LEVELS, "lr": 0.01},
