@@ -43,7 +43,7 @@ def test_batched_equals_single(tmp_path):
     assert (many[1].transform(p) - single.transform(p)).abs().max() < 0.05
     for k, r in enumerate(many):
         want = torch.tensor([1.0 + k, -1.0 * k])
-        assert (r.transform(p) - p - want).abs().max() < 0.15
+        assert (r.transform(p) - p - want).abs().max() < 0.25  # mm; voxels are 0.9 mm
 
 
 def test_register_pairs_two_processes(tmp_path):

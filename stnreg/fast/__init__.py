@@ -28,6 +28,11 @@ def _kernels():
     global _KERNELS, _NOTICE_GIVEN
     if _KERNELS is None:
         try:
+            import numba
+
+            if "NUMBA_THREADING_LAYER" not in os.environ:
+                # A pool that sleeps between calls: OpenMP's spinning workers slowed everything else.
+                numba.config.THREADING_LAYER = "workqueue"
             from . import affine_cpu
 
             _KERNELS = affine_cpu
@@ -51,21 +56,25 @@ def fast_available(image: Tensor, padding: str) -> bool:
     return _kernels() is not None
 
 
-def _threads() -> None:
+def _kernel(name: str):
+    """The parallel kernel for several torch threads, its serial twin for one."""
     import numba
 
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    k = _kernels()
+    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    if threads == 1:
+        return k.SERIAL[name]
+    numba.set_num_threads(threads)
+    return getattr(k, name)
 
 
 class _FusedAffine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, image: Tensor, theta: Tensor, out_shape: tuple[int, ...], border: bool) -> Tensor:
-        k = _kernels()
-        _threads()
         img = image.detach().contiguous()
         th = theta.detach().to(torch.float64).contiguous()
         out = torch.empty((image.shape[0], image.shape[1], *out_shape), dtype=image.dtype)
-        fwd = k.affine2d_forward if len(out_shape) == 2 else k.affine3d_forward
+        fwd = _kernel("affine2d_forward" if len(out_shape) == 2 else "affine3d_forward")
         fwd(img.numpy(), th.numpy(), out.numpy(), border)
         ctx.save_for_backward(img, th)
         ctx.border = border
@@ -75,14 +84,13 @@ class _FusedAffine(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         k = _kernels()
-        _threads()
         img, th = ctx.saved_tensors
         go = grad_out.contiguous().to(img.dtype)
         d = img.dim() - 2
         grad_img = grad_theta = None
         if ctx.needs_input_grad[1]:
             partial = torch.zeros((img.shape[0], go.shape[2], d, d + 1), dtype=torch.float64)
-            fn = k.affine2d_grad_theta if d == 2 else k.affine3d_grad_theta
+            fn = _kernel("affine2d_grad_theta" if d == 2 else "affine3d_grad_theta")
             fn(img.numpy(), th.numpy(), go.numpy(), partial.numpy(), ctx.border)
             grad_theta = partial.sum(1).to(ctx.theta_dtype)
         if ctx.needs_input_grad[0]:

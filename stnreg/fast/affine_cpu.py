@@ -6,6 +6,10 @@ zero or border padding, exactly as ``affine_grid`` + ``grid_sample``. No grid te
 forward writes only the output, and the backward returns ``∂L/∂θ`` directly,
 ``Σ_p Σ_c go[c, p] ∇I_c(g(p)) ⊗ [u(p); 1]``, plus the image gradient only when asked.
 
+Threads: the parallel kernels split output slices (3D) or rows (2D) over numba's ``workqueue``
+pool, which sleeps between calls (OpenMP's pool spins and starved the other core in our runs);
+with one torch thread the serial twins in :data:`SERIAL` run instead.
+
 Determinism: every output slice (3D) or row (2D) accumulates its own partial ``∂L/∂θ`` in a fixed
 order and the partials are summed in slice order, so results do not depend on the thread count.
 The image gradient scatters into shared voxels and therefore runs on one thread.
@@ -287,3 +291,14 @@ def affine2d_grad_image(theta, gout, gimg, border):  # pragma: no cover - compil
                         wgt = wy * (fx if i else 1.0 - fx)
                         for c in range(n_c):
                             gimg[b, c, yy, xx] += wgt * gout[b, c, y, x]
+
+
+def _serial(fn):
+    """The same kernel compiled without threads: no thread pool is woken for one-thread runs."""
+    return nb.njit(**_OPTS)(fn.py_func)
+
+
+SERIAL = {
+    name: _serial(globals()[name])
+    for name in ("affine3d_forward", "affine3d_grad_theta", "affine2d_forward", "affine2d_grad_theta")
+}
