@@ -98,7 +98,9 @@ def ants_method(kind: str) -> Callable:
         # antspyx defaults (Mattes MI for the affine and the SyN stages), as most published comparisons use.
         out = ants.registration(f, m, type_of_transform=kind)
         composite = sitk.CompositeTransform(f.dimension)
-        for path in out["fwdtransforms"]:
+        # ANTs lists transforms in the reverse of ITK's CompositeTransform order (checked in
+        # tests/test_register.py against ants.apply_transforms): add them last first.
+        for path in reversed(out["fwdtransforms"]):
             if path.endswith(".mat"):
                 composite.AddTransform(sitk.ReadTransform(path))
             else:

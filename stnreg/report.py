@@ -145,7 +145,8 @@ def save_result(
     ``report.json`` and ``qc.png`` into ``out_dir``; never replaces a file listed in ``protect``.
 
     ``report.json["transform"]`` lists the transform files in ITK ``CompositeTransform`` order
-    (ITK applies the last added first), so that the composite maps fixed points to moving points.
+    (ITK applies the last added first), so that the composite maps fixed points to moving points;
+    ``"ants_transformlist"`` is the same list in the order ``ants.apply_transforms`` expects.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -172,6 +173,8 @@ def save_result(
         "timings": result.timings,
         "metrics": result.metrics,
         "transform": chain,
+        # ants.apply_transforms / antsApplyTransforms take the same files in the reverse order.
+        "ants_transformlist": chain[::-1],
         "total_displacement": "total_displacement.nii.gz",
         "convention": "transforms map fixed-space world points (ITK physical, mm) to moving-space points",
         "loss_history": [h["loss"] for h in result.history],
