@@ -311,3 +311,10 @@ def test_owned_parameters_are_optimizable():
         loss.backward()
         opt.step()
     torch.testing.assert_close(t.params.detach(), truth.params, atol=5e-3, rtol=0)
+
+
+def test_given_parameters_follow_the_module():
+    t = Affine(2).with_params(torch.eye(2, 3).unsqueeze(0))
+    assert t.double().params.dtype == torch.float64
+    comp = Composite([Affine(2).with_params(torch.eye(2, 3).unsqueeze(0)), Translation(2)])
+    assert all(p.dtype == torch.float64 for p in (comp.double().transforms[0].params, comp.transforms[1].params))

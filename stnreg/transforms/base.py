@@ -161,6 +161,13 @@ class ParametricTransform(Transform):
         check_finite(params, f"{name} parameters")
         return params
 
+    def _apply(self, fn, recurse: bool = True):
+        """``.to()``, ``.cuda()``, ``.double()`` move given (non-Parameter) parameters too."""
+        module = super()._apply(fn, recurse)
+        if not isinstance(self.params, nn.Parameter):
+            self.params = fn(self.params)
+        return module
+
     @property
     def num_params(self) -> int:
         """Number of parameters per batch item."""
