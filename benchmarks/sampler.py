@@ -194,6 +194,10 @@ def _status_kib(field: str) -> int:
 
 def probe(kind: str, shape: tuple[int, ...], name: str) -> None:
     """Print the peak RSS growth (MiB) of one forward+backward in this fresh process (Linux)."""
+    # A small call first loads lazily compiled kernels (numba, Kornia), which are not the warp's memory.
+    small = QUICK_SHAPES[SHAPES.index(shape)] if shape in SHAPES else shape
+    warm, _ = methods(kind, small, "cpu")[name][0]()
+    warm().sum().backward()
     build = methods(kind, shape, "cpu")[name][0]
     fn, _ = build()
     base = _status_kib("VmRSS")

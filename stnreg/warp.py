@@ -49,13 +49,15 @@ def warp(
         raise ValueError(f"source Grid shape {source.shape} does not match the image's {tuple(image.shape[2:])}")
     out = tuple(image.shape[2:]) if out is None else out
     if (
-        isinstance(transform, MatrixTransform)
+        image.dim() == 5
+        and isinstance(transform, MatrixTransform)
         and not transform.projective
         and mode == "linear"
         and not antialias
         and fast_available(image, padding)
     ):
-        # Coordinates made on the fly, gradient straight to the matrix (stnreg.fast).
+        # Coordinates made on the fly, gradient straight to the matrix (stnreg.fast). 3D only: in 2D
+        # grid_sample's vectorized bilinear kernel measured faster (benchmarks/results/sampler.md).
         theta = transform.affine_theta(out, source).to(image.dtype)
         return fused_affine_warp(image, theta, tuple(out.shape if isinstance(out, Grid) else out), padding)
     coords = transform.sampling_grid(out, source)
