@@ -33,6 +33,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from .coords import Grid, apply_affine, index_to_normalized_matrix, lattice
+from .fast import fast_available, fused_affine_loss
 from .fields import world_to_voxel_displacement
 from .image import Image, as_image
 from .losses import REGULARIZERS, SIMILARITIES, dice_loss
@@ -431,6 +432,9 @@ def register_many(
         onehot_m = torch.stack([torch.stack([lm[0].data[0] == v for v in common]) for lm in label_maps]).float().to(dev)
         onehot_f = torch.stack([torch.stack([lm[1].data[0] == v for v in common]) for lm in label_maps]).float().to(dev)
 
+    # Matrix stages with MSE/NCC in 3D run as one fused kernel pass per iteration (stnreg.fast).
+    fused = loss in ("mse", "ncc") and fgrid.ndim == 3 and fmask is None and onehot_m is None
+    fused = fused and fast_available(m_int, "border")
     for si, stage in enumerate(stages):
         t_stage = time.perf_counter()
         family = _make_stage_transform(stage, fgrid, center.float(), voxel).to(dev)
@@ -461,8 +465,11 @@ def register_many(
                 current = family.with_params(params)
                 # Matrix after matrix folds into one matrix (the fused fast path); a field composes.
                 mapping = prefix.compose(current)
-                warped = warp(m_l, mapping, fgrid_l, mgrid_l, padding="border")
-                total = similarity(warped, f_l, mask_l)
+                if fused and isinstance(mapping, MatrixTransform) and not mapping.projective:
+                    theta = mapping.affine_theta(fgrid_l, mgrid_l)
+                    total = fused_affine_loss(m_l, f_l, theta, loss, "border")
+                else:
+                    total = similarity(warp(m_l, mapping, fgrid_l, mgrid_l, padding="border"), f_l, mask_l)
                 if stage.family in DEFORMABLE:
                     fld = _field_for_regularizer(family, params)
                     for name, w in weights.items():

@@ -61,3 +61,35 @@ def test_deterministic_across_thread_counts():
     finally:
         torch.set_num_threads(old)
     assert torch.equal(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("padding", ["zeros", "border"])
+@pytest.mark.parametrize("loss", ["mse", "ncc"])
+def test_fused_similarity_matches_autograd(loss, padding):
+    from stnreg.fast import fused_affine_loss
+    from stnreg.losses import mse_loss, ncc_loss
+
+    g = torch.Generator().manual_seed(2)
+    moving = torch.rand(2, 1, 12, 13, 14, dtype=torch.float64, generator=g)
+    fixed = torch.rand(2, 1, 9, 10, 11, dtype=torch.float64, generator=g)
+    theta = (torch.eye(3, 4, dtype=torch.float64) + 0.1 * torch.randn(2, 3, 4, dtype=torch.float64, generator=g))
+    theta.requires_grad_()
+    ours = fused_affine_loss(moving, fixed, theta, loss, padding)
+    warped = _reference(moving, theta, (9, 10, 11), padding)
+    ref = (mse_loss if loss == "mse" else ncc_loss)(warped, fixed)
+    torch.testing.assert_close(ours, ref, atol=1e-12, rtol=1e-12)
+    (g_ours,) = torch.autograd.grad(ours, theta)
+    (g_ref,) = torch.autograd.grad(ref, theta)
+    torch.testing.assert_close(g_ours, g_ref, atol=1e-12, rtol=1e-10)
+
+
+def test_fused_similarity_rejects_what_it_cannot_do():
+    from stnreg.fast import fused_affine_loss
+
+    theta = torch.eye(3, 4).unsqueeze(0)
+    with pytest.raises(ValueError, match="image gradient"):
+        fused_affine_loss(torch.rand(1, 1, 4, 4, 4, requires_grad=True), torch.rand(1, 1, 4, 4, 4), theta)
+    with pytest.raises(ValueError, match=r"\(N, C, D, H, W\)"):
+        fused_affine_loss(torch.rand(1, 1, 4, 4), torch.rand(1, 1, 4, 4), theta)
+    with pytest.raises(ValueError, match="fused losses"):
+        fused_affine_loss(torch.rand(1, 1, 4, 4, 4), torch.rand(1, 1, 4, 4, 4), theta, "lncc")

@@ -9,6 +9,7 @@ The two agree to float32 rounding (see ``tests/test_fast.py``).
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 
@@ -17,7 +18,7 @@ from torch import Tensor
 
 from .._checks import check_batch
 
-__all__ = ["fast_available", "fused_affine_warp"]
+__all__ = ["fast_available", "fused_affine_loss", "fused_affine_warp"]
 
 _NOTICE_GIVEN = False
 _KERNELS = None
@@ -116,3 +117,90 @@ def fused_affine_warp(image: Tensor, theta: Tensor, out_shape: tuple[int, ...], 
     if theta.shape[0] != n:
         theta = theta.expand(n, *theta.shape[1:])
     return _FusedAffine.apply(image, theta, tuple(int(s) for s in out_shape), padding == "border")
+
+
+def _loss_pass(img: Tensor, fixed: Tensor, th: Tensor, border: bool, coef: tuple[float, float, float]):
+    n, od = img.shape[0], fixed.shape[2]
+    grad = torch.zeros((n, od, 3, 4), dtype=torch.float64)
+    stats = torch.zeros((n, od, 3), dtype=torch.float64)
+    _kernel("affine3d_loss")(
+        img.numpy(),
+        fixed.numpy(),
+        th.numpy(),
+        border,
+        torch.tensor(coef, dtype=torch.float64).numpy(),
+        grad.numpy(),
+        stats.numpy(),
+    )
+    return stats.sum(1), grad.sum(1)
+
+
+class _FusedAffineLoss(torch.autograd.Function):
+    """Similarity of ``image`` warped by θ against ``fixed``, with ``∂/∂θ`` computed in the forward."""
+
+    @staticmethod
+    def forward(ctx, image: Tensor, fixed: Tensor, theta: Tensor, loss: str, border: bool) -> Tensor:
+        img = image.detach().contiguous()
+        fix = fixed.detach().to(img.dtype).contiguous()
+        th = theta.detach().to(torch.float64).contiguous()
+        n = img.shape[0]
+        count = fix[0].numel()  # channels x voxels per item
+        sf = fix.reshape(n, -1).double().sum(1)
+        sff = fix.reshape(n, -1).double().square().sum(1)
+        if loss == "mse":
+            # (v - f)^2 averaged: one pass gives Σvv and Σvf, and the gradient weight 2 (v - f) / n.
+            stats, grad = _loss_pass(img, fix, th, border, (-2.0 / (count * n), 2.0 / (count * n), 0.0))
+            value = ((stats[:, 1] - 2 * stats[:, 2] + sff) / count).mean()
+        else:
+            stats, _ = _loss_pass(img, fix, th, border, (0.0, 0.0, 0.0))
+            grads, values = [], []
+            for i in range(n):
+                sv, svv, svf = stats[i].tolist()
+                mv, mf = sv / count, float(sf[i]) / count
+                cov = svf / count - mv * mf
+                var_v = max(svv / count - mv * mv, 1e-12)
+                var_f = max(float(sff[i]) / count - mf * mf, 1e-12)
+                r = cov / math.sqrt(var_v * var_f)
+                values.append(1.0 - r)
+                # d(1 - r)/dv = -[(f - mf) / sqrt(var_v var_f) - r (v - mv) / var_v] / count, batch-averaged.
+                s = math.sqrt(var_v * var_f)
+                a, b = -1.0 / (s * count * n), r / (var_v * count * n)
+                c = (mf / s - r * mv / var_v) / (count * n)
+                _, g = _loss_pass(img[i : i + 1], fix[i : i + 1], th[i : i + 1], border, (a, b, c))
+                grads.append(g)
+            grad = torch.cat(grads)
+            value = torch.tensor(values, dtype=torch.float64).mean()
+        ctx.save_for_backward(grad)
+        ctx.theta_dtype = theta.dtype
+        return value.to(image.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        (grad,) = ctx.saved_tensors
+        return None, None, (grad * float(grad_out)).to(ctx.theta_dtype), None, None
+
+
+def fused_affine_loss(
+    image: Tensor, fixed: Tensor, theta: Tensor, loss: str = "mse", padding: str = "border"
+) -> Tensor:
+    """``mse_loss`` or ``ncc_loss`` of ``image`` warped by θ against ``fixed``, without a grid or a warped image.
+
+    3D only; the gradient flows to ``theta`` alone (the image must not require one).
+
+    Args:
+        image: ``(N, C, D, H, W)`` moving image, float32/float64, CPU.
+        fixed: ``(N, C, D', H', W')`` fixed image; its shape is the output lattice.
+        theta: ``(N, 3, 4)`` output-normalized -> input-normalized map (``affine_grid``'s θ).
+        loss: ``"mse"`` or ``"ncc"`` (``1 - NCC``, averaged over the batch, as :mod:`stnreg.losses`).
+    """
+    if loss not in ("mse", "ncc"):
+        raise ValueError(f"fused losses are 'mse' and 'ncc', got {loss!r}")
+    if image.dim() != 5 or fixed.dim() != 5 or image.shape[:2] != fixed.shape[:2]:
+        raise ValueError(
+            f"need (N, C, D, H, W) images with equal N and C: {tuple(image.shape)} vs {tuple(fixed.shape)}"
+        )
+    if image.requires_grad:
+        raise ValueError("fused_affine_loss returns no image gradient; detach the image or use warp()")
+    n = check_batch(image.shape[0], theta.shape[0], "image and transform")
+    theta = theta.expand(n, *theta.shape[1:]) if theta.shape[0] != n else theta
+    return _FusedAffineLoss.apply(image, fixed, theta, loss, padding == "border")

@@ -293,6 +293,97 @@ def affine2d_grad_image(theta, gout, gimg, border):  # pragma: no cover - compil
                             gimg[b, c, yy, xx] += wgt * gout[b, c, y, x]
 
 
+@nb.njit(parallel=True, **_OPTS)
+def affine3d_loss(img, fixed, theta, border, coef, partial_grad, partial_stats):  # pragma: no cover - compiled
+    """One pass of a fused similarity: sample ``v`` at ``θ [u; 1]``, compare with ``fixed``.
+
+    ``partial_stats[b, z]`` receives slice ``z``'s ``(Σv, Σv², Σv·f)``; when ``coef = (a, b, c)`` is
+    not all zero, ``partial_grad[b, z]`` receives ``Σ (a f + b v + c) ∂v/∂θ`` (3 x 4). MSE needs one
+    pass (``a = -2/n, b = 2/n``); NCC a statistics pass, then a gradient pass.
+    """
+    n_b, n_c, d, h, w = img.shape
+    od, oh, ow = fixed.shape[2], fixed.shape[3], fixed.shape[4]
+    ca, cb, cc = coef[0], coef[1], coef[2]
+    want_grad = ca != 0.0 or cb != 0.0 or cc != 0.0
+    for b in range(n_b):
+        t = theta[b]
+        for z in nb.prange(od):
+            uz = (2.0 * z + 1.0) / od - 1.0
+            acc = np.zeros((3, 4))
+            s_v = 0.0
+            s_vv = 0.0
+            s_vf = 0.0
+            for y in range(oh):
+                uy = (2.0 * y + 1.0) / oh - 1.0
+                for x in range(ow):
+                    ux = (2.0 * x + 1.0) / ow - 1.0
+                    rx = ((t[0, 0] * ux + t[0, 1] * uy + t[0, 2] * uz + t[0, 3] + 1.0) * w - 1.0) * 0.5
+                    ry = ((t[1, 0] * ux + t[1, 1] * uy + t[1, 2] * uz + t[1, 3] + 1.0) * h - 1.0) * 0.5
+                    rz = ((t[2, 0] * ux + t[2, 1] * uy + t[2, 2] * uz + t[2, 3] + 1.0) * d - 1.0) * 0.5
+                    sx = 0.5 * w if (not border or 0.0 < rx < w - 1.0) else 0.0
+                    sy = 0.5 * h if (not border or 0.0 < ry < h - 1.0) else 0.0
+                    sz = 0.5 * d if (not border or 0.0 < rz < d - 1.0) else 0.0
+                    if border:
+                        rx = min(max(rx, 0.0), w - 1.0)
+                        ry = min(max(ry, 0.0), h - 1.0)
+                        rz = min(max(rz, 0.0), d - 1.0)
+                    x0, y0, z0 = math.floor(rx), math.floor(ry), math.floor(rz)
+                    fx, fy, fz = rx - x0, ry - y0, rz - z0
+                    for c in range(n_c):
+                        v = 0.0
+                        dvx = 0.0
+                        dvy = 0.0
+                        dvz = 0.0
+                        for k in range(2):
+                            zz = z0 + k
+                            if zz < 0 or zz >= d:
+                                continue
+                            wz = fz if k else 1.0 - fz
+                            dz = 1.0 if k else -1.0
+                            for j in range(2):
+                                yy = y0 + j
+                                if yy < 0 or yy >= h:
+                                    continue
+                                wy = fy if j else 1.0 - fy
+                                dy = 1.0 if j else -1.0
+                                for i in range(2):
+                                    xx = x0 + i
+                                    if xx < 0 or xx >= w:
+                                        continue
+                                    wx = fx if i else 1.0 - fx
+                                    dx = 1.0 if i else -1.0
+                                    q = img[b, c, zz, yy, xx]
+                                    v += wx * wy * wz * q
+                                    dvx += q * dx * wy * wz
+                                    dvy += q * wx * dy * wz
+                                    dvz += q * wx * wy * dz
+                        f = fixed[b, c, z, y, x]
+                        s_v += v
+                        s_vv += v * v
+                        s_vf += v * f
+                        if want_grad:
+                            g = ca * f + cb * v + cc
+                            gx = g * dvx * sx
+                            gy = g * dvy * sy
+                            gz = g * dvz * sz
+                            acc[0, 0] += gx * ux
+                            acc[0, 1] += gx * uy
+                            acc[0, 2] += gx * uz
+                            acc[0, 3] += gx
+                            acc[1, 0] += gy * ux
+                            acc[1, 1] += gy * uy
+                            acc[1, 2] += gy * uz
+                            acc[1, 3] += gy
+                            acc[2, 0] += gz * ux
+                            acc[2, 1] += gz * uy
+                            acc[2, 2] += gz * uz
+                            acc[2, 3] += gz
+            partial_stats[b, z, 0] = s_v
+            partial_stats[b, z, 1] = s_vv
+            partial_stats[b, z, 2] = s_vf
+            partial_grad[b, z] = acc
+
+
 def _serial(fn):
     """The same kernel compiled without threads: no thread pool is woken for one-thread runs."""
     return nb.njit(**_OPTS)(fn.py_func)
@@ -300,5 +391,5 @@ def _serial(fn):
 
 SERIAL = {
     name: _serial(globals()[name])
-    for name in ("affine3d_forward", "affine3d_grad_theta", "affine2d_forward", "affine2d_grad_theta")
+    for name in ("affine3d_forward", "affine3d_grad_theta", "affine2d_forward", "affine2d_grad_theta", "affine3d_loss")
 }
