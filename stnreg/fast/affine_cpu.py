@@ -33,6 +33,16 @@ def _unnorm(g: float, n: int, border: bool) -> float:
     return ix
 
 
+@nb.njit(inline="always", **{k: v for k, v in _OPTS.items() if k != "cache"})
+def _accumulate3d(acc, gx: float, gy: float, gz: float, ux: float, uy: float, uz: float) -> None:
+    """Add one voxel's share ``∇v ⊗ [u; 1]`` to a 3 x 4 θ-gradient accumulator."""
+    for row, g in enumerate((gx, gy, gz)):
+        acc[row, 0] += g * ux
+        acc[row, 1] += g * uy
+        acc[row, 2] += g * uz
+        acc[row, 3] += g
+
+
 @nb.njit(parallel=True, **_OPTS)
 def affine3d_forward(img, theta, out, border):  # pragma: no cover - compiled
     n_b, n_c, d, h, w = img.shape
@@ -133,18 +143,7 @@ def affine3d_grad_theta(img, theta, gout, partial, border):  # pragma: no cover 
                     dvx *= sx
                     dvy *= sy
                     dvz *= sz
-                    acc[0, 0] += dvx * ux
-                    acc[0, 1] += dvx * uy
-                    acc[0, 2] += dvx * uz
-                    acc[0, 3] += dvx
-                    acc[1, 0] += dvy * ux
-                    acc[1, 1] += dvy * uy
-                    acc[1, 2] += dvy * uz
-                    acc[1, 3] += dvy
-                    acc[2, 0] += dvz * ux
-                    acc[2, 1] += dvz * uy
-                    acc[2, 2] += dvz * uz
-                    acc[2, 3] += dvz
+                    _accumulate3d(acc, dvx, dvy, dvz, ux, uy, uz)
             partial[b, z] = acc
 
 
@@ -366,18 +365,7 @@ def affine3d_loss(img, fixed, theta, border, coef, partial_grad, partial_stats):
                             gx = g * dvx * sx
                             gy = g * dvy * sy
                             gz = g * dvz * sz
-                            acc[0, 0] += gx * ux
-                            acc[0, 1] += gx * uy
-                            acc[0, 2] += gx * uz
-                            acc[0, 3] += gx
-                            acc[1, 0] += gy * ux
-                            acc[1, 1] += gy * uy
-                            acc[1, 2] += gy * uz
-                            acc[1, 3] += gy
-                            acc[2, 0] += gz * ux
-                            acc[2, 1] += gz * uy
-                            acc[2, 2] += gz * uz
-                            acc[2, 3] += gz
+                            _accumulate3d(acc, gx, gy, gz, ux, uy, uz)
             partial_stats[b, z, 0] = s_v
             partial_stats[b, z, 1] = s_vv
             partial_stats[b, z, 2] = s_vf
