@@ -1,4 +1,8 @@
-"""Command line: ``stnreg register | apply | demo``. Parsing and printing only; the logic is the Python API."""
+"""Command line: ``stnreg register | apply | demo | fit | validate | test``.
+
+Parsing and printing only; the logic is the Python API. ``fit``/``validate``/``test`` hand the rest of
+the command line to Lightning's ``LightningCLI`` (``--config FILE``, every value overridable).
+"""
 
 from __future__ import annotations
 
@@ -27,13 +31,21 @@ def _register_one(args: argparse.Namespace, moving: str, fixed: str, labels: lis
     from .io import ImageReadError, read_image
     from .register import register
 
-    inputs = [moving, fixed, *(labels or [])]
+    inputs = [moving, fixed, *(labels or []), *([args.model] if args.model else [])]
     _check_output_dir(out, inputs)
     try:
         mov, fix = read_image(moving), read_image(fixed)
         lab = None
         if labels:
             lab = (read_image(labels[0], label=True), read_image(labels[1], label=True))
+        if args.model:
+            from .learn import register_with_model
+
+            result = register_with_model(
+                args.model, mov, fix, args.refine, labels=lab, device=args.device, progress=not args.quiet
+            )
+            result.save(out, protect=inputs)
+            return result.metrics | {"timings": result.timings}
         mask = read_image(args.mask) if args.mask else None
         result = register(
             mov,
@@ -56,6 +68,10 @@ def _register_one(args: argparse.Namespace, moving: str, fixed: str, labels: lis
 
 
 def _register(args: argparse.Namespace) -> int:
+    if args.refine and not args.model:
+        raise CliError("--refine needs --model CKPT")
+    if args.model and (args.pairs or args.mask):
+        raise CliError("--model registers one pair; --pairs and --mask are not supported with it")
     if args.pairs:
         from .batch import register_pairs
 
@@ -137,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--mask", help="fixed-space mask restricting the similarity")
     reg.add_argument("--init", default="com", choices=["com", "moments", "none"])
     reg.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    reg.add_argument("--model", help="a trained registration checkpoint (stnreg fit): one forward pass")
+    reg.add_argument("--refine", type=int, default=0, help="with --model: N steps of instance optimization after it")
     reg.add_argument("--pairs", help="CSV with columns moving,fixed[,moving_labels,fixed_labels]")
     reg.add_argument("--devices", type=int, default=1, help="processes/GPUs for --pairs (Lightning)")
     reg.add_argument("--batch-size", type=int, default=4, help="--pairs on equal grids optimized together")
@@ -155,10 +173,29 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("-o", "--output", default="stnreg-demo", help="output folder")
     demo.add_argument("-q", "--quiet", action="store_true")
     demo.set_defaults(func=_demo)
+
+    for name in LIGHTNING_COMMANDS:
+        sub.add_parser(
+            name, help=f"Lightning {name} from a config: stnreg {name} --config configs/NAME.yaml [--key value]"
+        )
     return parser
 
 
+LIGHTNING_COMMANDS = ("fit", "validate", "test")
+
+
+def _lightning(argv: list[str]) -> int:
+    """Run LightningCLI (any LightningModule/DataModule named by ``class_path`` in the config)."""
+    from lightning.pytorch.cli import LightningCLI
+
+    LightningCLI(args=argv, save_config_kwargs={"overwrite": True}, parser_kwargs={"prog": "stnreg"})
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in LIGHTNING_COMMANDS:
+        return _lightning(argv)
     args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -10,7 +10,20 @@ from torch import Tensor, nn
 from ..sampler import sample
 from ..transforms.base import ParametricTransform
 
-__all__ = ["MultiSpatialTransformer", "SpatialTransformer"]
+__all__ = ["MultiSpatialTransformer", "SpatialTransformer", "identity_head"]
+
+
+def identity_head(features: int, transform: ParametricTransform) -> nn.Linear:
+    """Linear regression head ``(N, features) -> (N, transform.num_params)`` that starts at the identity.
+
+    Zero weights and bias = the family's identity parameters: without this, STN training often
+    never starts (the sampling grid wanders off the image and the gradient vanishes).
+    """
+    head = nn.Linear(int(features), transform.num_params)
+    nn.init.zeros_(head.weight)
+    with torch.no_grad():
+        head.bias.copy_(transform.identity_params(1).reshape(-1))
+    return head
 
 
 class SpatialTransformer(nn.Module):
@@ -46,10 +59,7 @@ class SpatialTransformer(nn.Module):
             raise TypeError(f"transform must be a ParametricTransform family, got {type(transform).__name__}")
         self.localization = localization
         self.transform = transform
-        self.head = nn.Linear(int(features), transform.num_params)
-        nn.init.zeros_(self.head.weight)
-        with torch.no_grad():
-            self.head.bias.copy_(transform.identity_params(1).reshape(-1))
+        self.head = identity_head(features, transform)
         self.output_size = None if output_size is None else tuple(int(s) for s in output_size)
         self.mode, self.padding, self.antialias = mode, padding, antialias
 

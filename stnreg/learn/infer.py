@@ -1,0 +1,196 @@
+"""Amortized registration with a trained network, optionally refined by instance optimization.
+
+``register_with_model(task, moving, fixed, refine=N)``: one forward pass predicts the transform;
+``N`` Adam steps on the predicted parameters (the network's own training objective) then refine
+it for this pair. The network's weights never change: refinement optimizes copies of its outputs.
+
+World coordinates: the fixed image is resampled to the network's training size over its own field
+of view, and the moving image onto that same grid through the identity world map (the two images
+must overlap in world space, as for :func:`stnreg.register` with ``init="none"``). The predicted
+normalized-space map ``T_n`` then gives the world map ``T = W⁻¹ ∘ T_n ∘ W`` with ``W`` the fixed
+grid's world-to-normalized map, returned as an ITK-style composite: the leading matrix stages as
+one affine (or projective) matrix, the rest as a displacement field in mm on the fixed grid.
+The result is a :class:`~stnreg.register.RegistrationResult`, saved like any other.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from ..image import Image
+from ..transforms.base import Composite, Transform
+from ..transforms.dense import Displacement
+from ..transforms.matrix import Affine, MatrixTransform, Projective
+from ..warp import apply
+from .data import _resize, normalize_intensity
+from .model import DENSE, RegistrationOutput
+from .task import RegistrationTask, load_task
+
+__all__ = ["refine", "register_with_model"]
+
+
+def refine(
+    task: RegistrationTask,
+    raws: list[Tensor],
+    moving: Tensor,
+    fixed: Tensor,
+    steps: int,
+    lr: float = 1.0,
+    progress: bool = False,
+) -> list[Tensor]:
+    """``steps`` Adam steps on copies of the network's raw outputs, minimizing its training objective.
+
+    Args:
+        raws: per-stage raw outputs (see :class:`~stnreg.learn.model.RegistrationOutput`).
+        moving, fixed: network inputs ``(N, C, *spatial)`` in ``[0, 1]``.
+        lr: multiplies the per-kind step sizes: 0.05 voxels for dense fields, 1e-3 for matrix and
+            control-point parameters (normalized units).
+    Returns:
+        The refined raw outputs (detached).
+    """
+    shape = tuple(fixed.shape[2:])
+    params = [r.detach().clone().requires_grad_(True) for r in raws]
+    groups = [
+        {"params": [p], "lr": lr * (0.05 if family in DENSE else 1e-3)}
+        for p, family in zip(params, task.net.stages, strict=True)
+    ]
+    opt = torch.optim.Adam(groups)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps), eta_min=0.0)
+    for _ in tqdm(range(steps), desc="refine", unit="it", disable=not progress or None, leave=False):
+        opt.zero_grad(set_to_none=True)
+        total, stages = task.net.compose(params, shape)
+        out = RegistrationOutput(total, stages, params, task.net.warp(moving, total))
+        task.objective(out, moving, fixed)["loss"].backward()
+        opt.step()
+        sched.step()
+    return [p.detach() for p in params]
+
+
+def _world(stages: list, net_to_world: Tensor, fixed: Image) -> tuple[MatrixTransform | None, Displacement | None]:
+    """Split normalized-space stages into a world matrix and a world displacement on the fixed grid."""
+    k = 0
+    while k < len(stages) and isinstance(stages[k], MatrixTransform):
+        k += 1
+    d = fixed.ndim
+    w = torch.linalg.inv(net_to_world)
+    matrix = None
+    if k:
+        m = stages[0].matrix().double()
+        for s in stages[1:k]:
+            m = m @ s.matrix().double()
+        m_world = net_to_world @ m.cpu() @ w
+        projective = bool((m_world[:, d, :d].abs() > 1e-12).any())
+        matrix = Projective.from_matrix(m_world.float()) if projective else Affine.from_matrix(m_world.float())
+    if k == len(stages):
+        return matrix, None
+    rest: Transform = stages[k]
+    for s in stages[k + 1 :]:
+        rest = rest.compose(s)
+    from ..coords import lattice
+
+    with torch.no_grad():
+        mapped = rest.mapped_lattice(fixed.grid.shape).double().cpu()
+        grid = lattice(fixed.grid.shape, dtype=torch.float64)
+        disp = (mapped - grid) @ net_to_world[:d, :d].T
+    field = torch.movedim(disp, -1, 1).float()
+    return matrix, Displacement(fixed.grid.shape, params=field, domain=fixed.grid.world_to_normalized())
+
+
+def register_with_model(
+    model: RegistrationTask | str | os.PathLike,
+    moving: Any,
+    fixed: Any,
+    refine_steps: int = 0,
+    *,
+    labels: tuple[Any, Any] | None = None,
+    refine_lr: float = 1.0,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+):
+    """Register ``moving`` to ``fixed`` with a trained network (and ``refine_steps`` of refinement).
+
+    Args:
+        model: a :class:`RegistrationTask` or the path of its Lightning checkpoint.
+        moving, fixed: paths, :class:`~stnreg.image.Image` objects or arrays (as :func:`stnreg.register`).
+        refine_steps: Adam steps of instance optimization from the prediction (0: network only).
+        labels: ``(moving_labels, fixed_labels)`` for Dice/HD95 in the metrics.
+        refine_lr: scales the refinement step sizes (see :func:`refine`).
+        device: ``"cpu"``, ``"cuda"``...; defaults to CUDA when available.
+
+    Returns:
+        A :class:`~stnreg.register.RegistrationResult` (world-space transform, fixed grid),
+        ``timings`` with ``inference_s`` and ``refine_s``.
+    """
+    from ..register import RegistrationResult, _load, _load_labels
+    from ..report import evaluate
+
+    t0 = time.perf_counter()
+    task = model if isinstance(model, RegistrationTask) else load_task(model)
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    task = task.to(dev).eval()
+    mov, fix = _load(moving, "moving"), _load(fixed, "fixed")
+    h = task.hparams
+    if mov.ndim != h.ndim or fix.ndim != h.ndim:
+        raise ValueError(f"the model registers {h.ndim}D images; got moving {mov.ndim}D and fixed {fix.ndim}D")
+    for img in (mov, fix):
+        if not bool(torch.isfinite(img.data).all()):
+            raise ValueError(f"{img.name}: contains NaN or infinite values")
+    shape = tuple(h.input_shape) if h.input_shape else fix.grid.shape
+    net_grid = fix.grid.with_shape(shape)
+    with torch.no_grad():
+        f_in = normalize_intensity(_resize(fix.data.float().mean(0, keepdim=True)[None], shape, "linear")).to(dev)
+        m_on_f = apply(Affine(fix.ndim), Image(mov.data.float().mean(0, keepdim=True), mov.grid, mov.name), net_grid)
+        m_in = normalize_intensity(m_on_f.data[None]).to(dev)
+    t_load = time.perf_counter()
+    with torch.no_grad():
+        out = task.net(m_in, f_in)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    t_inf = time.perf_counter()
+    raws = out.raw
+    if refine_steps:
+        raws = refine(task, raws, m_in, f_in, refine_steps, refine_lr, progress)
+    t_ref = time.perf_counter()
+    with torch.no_grad():
+        _, stages = task.net.compose(raws, shape)
+    matrix, deformable = _world(stages, net_grid.normalized_to_world(), fix)
+    parts = [t for t in (matrix, deformable) if t is not None]
+    full: Transform = parts[0] if len(parts) == 1 else Composite(parts)
+    with torch.no_grad():
+        warped = apply(full, mov, fix)
+    settings = {
+        "model": str(model) if not isinstance(model, RegistrationTask) else "in-memory RegistrationTask",
+        "transform": "+".join(task.net.stages)
+        + (f" (network, {refine_steps} refinement steps)" if refine_steps else " (network)"),
+        "loss": h.similarity,
+        "network": task.net.config,
+        "input_shape": list(shape),
+        "refine_steps": refine_steps,
+        "refine_lr": refine_lr,
+        "device": str(dev),
+    }
+    result = RegistrationResult(
+        warped=Image(warped.data, fix.grid, "warped"),
+        transform=full,
+        matrix=matrix,
+        deformable=deformable,
+        fixed=fix,
+        moving=mov,
+        settings=settings,
+        timings={
+            "load_s": t_load - t0,
+            "inference_s": t_inf - t_load,
+            "refine_s": t_ref - t_inf,
+            "total_s": time.perf_counter() - t0,
+        },
+    )
+    maps, ids = _load_labels(None if labels is None else [labels], [mov], [fix])
+    lm, lf = maps[0] if maps[0] else (None, None)
+    result.metrics = evaluate(result, lm, lf, ids[0])
+    return result

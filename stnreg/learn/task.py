@@ -1,0 +1,205 @@
+"""The LightningModule that trains a :class:`~stnreg.learn.model.RegistrationNet`.
+
+Unsupervised: ``similarity(warped, fixed) + Σ w · regularizer(field)``, the regularizers acting on
+every dense stage's field in voxels (the velocity for ``svf``). Weakly supervised: add
+``dice_weight · Dice(warped moving labels, fixed labels)``. The constructor arguments are plain
+values saved in every checkpoint (``hyper_parameters``), so ``RegistrationTask.load_from_checkpoint``
+(or :func:`load_task`) restores the model from the file alone.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from ..fields import jacobian_determinant
+from ..losses import REGULARIZERS, SIMILARITIES, dice_loss
+from ..sampler import sample
+from ..transforms.base import Transform
+from ..transforms.matrix import Affine, rotation_matrix
+from .model import DENSE, RegistrationNet, RegistrationOutput
+
+__all__ = ["RegistrationTask", "load_task", "random_affine", "voxel_displacement"]
+
+
+def random_affine(n: int, ndim: int, strength: float, generator: torch.Generator | None = None) -> Affine:
+    """Random normalized-space affines for augmentation: rotation ``±10°·s``, scale ``exp(N(0, 0.05 s))``
+    per axis, translation ``±0.05·s`` of the half-extent, batch ``n``."""
+    g = generator
+    k = 1 if ndim == 2 else 3
+    rot = (torch.rand(n, k, generator=g) * 2 - 1) * math.radians(10.0) * strength
+    scale = torch.exp(torch.randn(n, ndim, generator=g) * 0.05 * strength)
+    shift = (torch.rand(n, ndim, generator=g) * 2 - 1) * 0.05 * strength
+    linear = rotation_matrix(rot, ndim) * scale.unsqueeze(1)
+    return Affine(ndim, params=torch.cat([linear, shift.unsqueeze(-1)], -1))
+
+
+def voxel_displacement(transform: Transform, shape: tuple[int, ...]) -> Tensor:
+    """``T(x) - x`` on the lattice of ``shape`` in voxels, ``(N, d, *shape)``, ``(x, y, z)`` channels,
+    for a normalized-domain transform."""
+    from ..coords import lattice
+
+    mapped = transform.mapped_lattice(shape)
+    grid = lattice(shape, dtype=mapped.dtype, device=mapped.device)
+    half = torch.tensor([s / 2 for s in reversed(shape)], dtype=mapped.dtype, device=mapped.device)
+    return torch.movedim((mapped - grid) * half, -1, 1)
+
+
+class RegistrationTask(L.LightningModule):
+    """Train a registration network from ``(moving, fixed[, labels])`` batches.
+
+    Args:
+        ndim ... int_steps: the network (see :class:`~stnreg.learn.model.RegistrationNet`).
+        similarity: ``"mse"``, ``"ncc"``, ``"lncc"`` (``window`` voxels) or ``"mi"``.
+        regularization: weights of ``"diffusion"``, ``"bending"``, ``"folding"`` on dense fields
+            (default ``{"diffusion": 1.0}``).
+        dice_weight: weight of the Dice loss on labels (0: labels only evaluated).
+        lr: Adam learning rate.
+        augment: strength of random affine augmentation applied independently to each image of a
+            training pair (0: none; 1: ±10° rotation, ~5% scale, ±5% shift).
+        input_shape: the array-order size the network was trained at (filled in from the data);
+            inference resamples images to it.
+    """
+
+    def __init__(
+        self,
+        ndim: int = 2,
+        stages: list[str] | None = None,
+        in_channels: int = 1,
+        encoder: list[int] | None = None,
+        decoder: list[int] | None = None,
+        final: list[int] | None = None,
+        loc_channels: list[int] | None = None,
+        loc_features: int = 64,
+        control_points: int = 5,
+        field_factor: int = 1,
+        int_steps: int = 7,
+        similarity: str = "lncc",
+        window: int = 9,
+        regularization: dict[str, float] | None = None,
+        dice_weight: float = 0.0,
+        lr: float = 1e-3,
+        augment: float = 0.0,
+        input_shape: list[int] | None = None,
+    ) -> None:
+        super().__init__()
+        if similarity not in SIMILARITIES:
+            raise ValueError(f"similarity must be one of {', '.join(SIMILARITIES)}, got {similarity!r}")
+        for name in regularization or {}:
+            if name not in REGULARIZERS:
+                raise ValueError(f"unknown regularizer {name!r}; choose from {', '.join(REGULARIZERS)}")
+        self.save_hyperparameters()
+        net: dict[str, Any] = {"ndim": ndim, "stages": stages or ["svf"], "in_channels": in_channels}
+        for key, value in (
+            ("encoder", encoder),
+            ("decoder", decoder),
+            ("final", final),
+            ("loc_channels", loc_channels),
+        ):
+            if value is not None:
+                net[key] = value
+        self.net = RegistrationNet(
+            **net,
+            loc_features=loc_features,
+            control_points=control_points,
+            field_factor=field_factor,
+            int_steps=int_steps,
+        )
+        self.regularization = {"diffusion": 1.0} if regularization is None else dict(regularization)
+
+    def forward(self, moving: Tensor, fixed: Tensor) -> RegistrationOutput:
+        return self.net(moving, fixed)
+
+    def objective(
+        self,
+        out: RegistrationOutput,
+        moving: Tensor,
+        fixed: Tensor,
+        moving_labels: Tensor | None = None,
+        fixed_labels: Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        """Loss terms and their sum ``"loss"`` for a network (or refined) output."""
+        h = self.hparams
+        sim = SIMILARITIES[h.similarity]
+        kwargs = {"window": h.window} if h.similarity == "lncc" else {}
+        terms = {"similarity": sim(out.warped, fixed, **kwargs)}
+        for k, family in enumerate(self.net.stages):
+            if family not in DENSE:
+                continue
+            for name, w in self.regularization.items():
+                if w:
+                    terms[f"{name}_{k}"] = w * REGULARIZERS[name](out.raw[k])
+        if h.dice_weight and moving_labels is not None and fixed_labels is not None:
+            warped_labels = self.net.warp(moving_labels.float(), out.transform)
+            terms["dice"] = h.dice_weight * dice_loss(warped_labels, fixed_labels.float())
+        terms["loss"] = sum(terms.values())
+        return terms
+
+    def _augment(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        h = self.hparams
+        out = dict(batch)
+        for img_key, lab_key in (("moving", "moving_labels"), ("fixed", "fixed_labels")):
+            img = batch[img_key]
+            t = random_affine(img.shape[0], h.ndim, h.augment).to(img.device)
+            coords = t.sampling_grid(tuple(img.shape[2:])).to(img.dtype)
+            out[img_key] = sample(img, coords, "linear", "border")
+            if lab_key in batch:
+                out[lab_key] = sample(batch[lab_key].float(), coords, "nearest", "zeros")
+        return out
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        if self.hparams.input_shape is None:
+            self.hparams.input_shape = list(batch["fixed"].shape[2:])
+        if self.hparams.augment:
+            batch = self._augment(batch)
+        out = self(batch["moving"], batch["fixed"])
+        terms = self.objective(
+            out, batch["moving"], batch["fixed"], batch.get("moving_labels"), batch.get("fixed_labels")
+        )
+        n = batch["fixed"].shape[0]
+        self.log_dict({f"train/{k}": v for k, v in terms.items()}, prog_bar=False, batch_size=n)
+        self.log("loss", terms["loss"], prog_bar=True, logger=False, batch_size=n)
+        return terms["loss"]
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        out = self(batch["moving"], batch["fixed"])
+        terms = self.objective(
+            out, batch["moving"], batch["fixed"], batch.get("moving_labels"), batch.get("fixed_labels")
+        )
+        n = batch["fixed"].shape[0]
+        logs = {f"val/{k}": v for k, v in terms.items()}
+        jac = jacobian_determinant(voxel_displacement(out.transform, tuple(batch["fixed"].shape[2:])))
+        logs["val/folding_percent"] = 100.0 * (jac <= 0).float().mean()
+        if "moving_labels" in batch:
+            warped = self.net.warp(batch["moving_labels"].float(), out.transform) > 0.5
+            fixed = batch["fixed_labels"] > 0
+            dims = tuple(range(2, fixed.dim()))
+            inter = (warped & fixed).sum(dims).float()
+            total = (warped.sum(dims) + fixed.sum(dims)).float()
+            logs["val/dice"] = (2 * inter / total.clamp_min(1)).mean()
+        self.log_dict(logs, prog_bar=True, batch_size=n, sync_dist=True)
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+
+
+def load_task(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> RegistrationTask:
+    """A trained :class:`RegistrationTask` from a Lightning checkpoint, in eval mode."""
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"{p}: no such checkpoint file")
+    try:
+        task = RegistrationTask.load_from_checkpoint(p, map_location=map_location)
+    except (KeyError, RuntimeError, TypeError) as err:
+        raise ValueError(f"{p}: not a stnreg registration checkpoint ({err})") from None
+    return task.eval()
