@@ -20,7 +20,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import check_ndim
@@ -69,8 +68,9 @@ class RegistrationNet(nn.Module):
         encoder, decoder, final: U-Net widths of dense stages (see :class:`~stnreg.nets.UNet`).
         loc_channels, loc_features: localization CNN widths of matrix and control-point stages.
         control_points: control points per axis of ``tps`` / ``bspline`` stages.
-        field_factor: dense fields live on a lattice this many times coarser than the input
-            (average-pooled network output; 2 is VoxelMorph's choice in 3D).
+        field_factor: dense fields live on a lattice this many times coarser than the input (a
+            power of two: the U-Net's decoder stops that many levels early; 2 is VoxelMorph's
+            choice in 3D, and several times faster).
         int_steps: scaling-and-squaring steps of ``svf`` stages.
 
     ``config`` holds these arguments, so ``RegistrationNet(**net.config)`` rebuilds the network.
@@ -98,8 +98,8 @@ class RegistrationNet(nn.Module):
         for s in stages:
             if s not in MATRIX + CONTROL + DENSE:
                 raise ValueError(f"unknown stage {s!r}; choose from {', '.join(MATRIX + CONTROL + DENSE)}")
-        if field_factor < 1:
-            raise ValueError(f"field_factor must be >= 1, got {field_factor}")
+        if field_factor < 1 or field_factor & (field_factor - 1):
+            raise ValueError(f"field_factor must be a power of two, got {field_factor}")
         self.config = {
             "ndim": ndim,
             "stages": stages,
@@ -118,7 +118,8 @@ class RegistrationNet(nn.Module):
         self.templates: list[ParametricTransform | None] = []
         for s in stages:
             if s in DENSE:
-                self.nets.append(UNet(2 * in_channels, ndim, ndim, encoder, decoder, final))
+                level = field_factor.bit_length() - 1
+                self.nets.append(UNet(2 * in_channels, ndim, ndim, encoder, decoder, final, out_level=level))
                 self.templates.append(None)
                 continue
             if s in MATRIX:
@@ -145,11 +146,7 @@ class RegistrationNet(nn.Module):
         return Displacement(field.shape[2:], params=field)
 
     def _raw(self, k: int, moving: Tensor, fixed: Tensor) -> Tensor:
-        out = self.nets[k](torch.cat([moving, fixed], 1))
-        if self.templates[k] is None and self.field_factor > 1:
-            pool = F.avg_pool2d if self.ndim == 2 else F.avg_pool3d
-            return pool(out, self.field_factor, ceil_mode=True)
-        return out
+        return self.nets[k](torch.cat([moving, fixed], 1))
 
     def forward(self, moving: Tensor, fixed: Tensor) -> RegistrationOutput:
         """Register ``moving`` ``(N, C, *spatial)`` to ``fixed`` (same shape)."""

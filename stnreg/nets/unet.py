@@ -33,6 +33,9 @@ class UNet(nn.Module):
         final: widths of full-resolution convolutions before the output layer.
         out_std: standard deviation of the output layer's initial weights (bias zero): a tiny
             value makes an untrained network predict an almost-zero field, i.e. the identity.
+        out_level: stop the decoder this many levels early: the output is ``2 ** out_level`` times
+            coarser, ``ceil(size / 2 ** out_level)`` per axis (a coarse field costs a fraction of
+            the full-resolution layers, which dominate the run time in 3D).
     """
 
     def __init__(
@@ -44,11 +47,15 @@ class UNet(nn.Module):
         decoder: Sequence[int] = (32, 32, 32, 32),
         final: Sequence[int] = (32, 16),
         out_std: float = 1e-5,
+        out_level: int = 0,
     ) -> None:
         super().__init__()
         check_ndim(ndim)
         if len(encoder) != len(decoder) or not encoder:
             raise ValueError(f"encoder {tuple(encoder)} and decoder {tuple(decoder)} need equal, non-zero lengths")
+        if not 0 <= out_level < len(encoder):
+            raise ValueError(f"out_level must lie in [0, {len(encoder) - 1}], got {out_level}")
+        decoder = tuple(decoder)[: len(decoder) - out_level]
         self.ndim = ndim
         self.down = nn.ModuleList()
         c = in_channels
@@ -69,6 +76,7 @@ class UNet(nn.Module):
         nn.init.normal_(self.out.weight, std=out_std)
         nn.init.zeros_(self.out.bias)
         self.multiple = 2 ** len(encoder)
+        self.out_level = out_level
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != self.ndim + 2:
@@ -85,10 +93,13 @@ class UNet(nn.Module):
             h = layer(h)
             feats.append(h)
         feats.pop()
+        # Skip connections the shortened decoder never reaches.
+        feats = feats[self.out_level :]
         mode = "bilinear" if self.ndim == 2 else "trilinear"
         for layer in self.up:
             skip = feats.pop()
             h = F.interpolate(h, size=skip.shape[2:], mode=mode, align_corners=False)
             h = layer(torch.cat([h, skip], 1))
         h = self.out(self.final(h))
-        return h[(..., *[slice(0, s) for s in size])]
+        f = 2**self.out_level
+        return h[(..., *[slice(0, -(-s // f)) for s in size])]
