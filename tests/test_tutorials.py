@@ -43,3 +43,13 @@ def test_notebooks_are_valid_json_without_outputs(name):
     nb = json.loads((TUTORIALS / name).read_text())
     assert nb["nbformat"] == 4
     assert all(not c.get("outputs") for c in nb["cells"] if c["cell_type"] == "code")
+
+
+def test_learned_oasis2d_notebook(tmp_path, data_dir):
+    ns = run_notebook(
+        TUTORIALS / "learned_oasis2d.ipynb",
+        {"STNREG_DATA": str(data_dir), "STNREG_TUTORIAL_BUDGET": "0.003", "STNREG_TUTORIAL_OUT": str(tmp_path / "out")},
+        tmp_path,
+    )
+    assert ns["refined"].metrics["ncc_after"] > ns["refined"].metrics["ncc_before"]
+    assert (tmp_path / "out" / "pair" / "qc.png").exists() and (tmp_path / "out" / "learned_oasis2d.png").exists()

@@ -49,15 +49,15 @@ def refine(
     Args:
         raws: per-stage raw outputs (see :class:`~stnreg.learn.model.RegistrationOutput`).
         moving, fixed: network inputs ``(N, C, *spatial)`` in ``[0, 1]``.
-        lr: multiplies the per-kind step sizes: 0.05 voxels for dense fields, 1e-3 for matrix and
-            control-point parameters (normalized units).
+        lr: multiplies the per-kind step sizes: 0.2 voxels for dense fields (as :func:`stnreg.register`),
+            1e-3 for matrix and control-point parameters (normalized units).
     Returns:
         The refined raw outputs (detached).
     """
     shape = tuple(fixed.shape[2:])
     params = [r.detach().clone().requires_grad_(True) for r in raws]
     groups = [
-        {"params": [p], "lr": lr * (0.05 if family in DENSE else 1e-3)}
+        {"params": [p], "lr": lr * (0.2 if family in DENSE else 1e-3)}
         for p, family in zip(params, task.net.stages, strict=True)
     ]
     opt = torch.optim.Adam(groups)
