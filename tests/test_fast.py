@@ -72,7 +72,7 @@ def test_fused_similarity_matches_autograd(loss, padding):
     g = torch.Generator().manual_seed(2)
     moving = torch.rand(2, 1, 12, 13, 14, dtype=torch.float64, generator=g)
     fixed = torch.rand(2, 1, 9, 10, 11, dtype=torch.float64, generator=g)
-    theta = (torch.eye(3, 4, dtype=torch.float64) + 0.1 * torch.randn(2, 3, 4, dtype=torch.float64, generator=g))
+    theta = torch.eye(3, 4, dtype=torch.float64) + 0.1 * torch.randn(2, 3, 4, dtype=torch.float64, generator=g)
     theta.requires_grad_()
     ours = fused_affine_loss(moving, fixed, theta, loss, padding)
     warped = _reference(moving, theta, (9, 10, 11), padding)

@@ -208,6 +208,7 @@ def test_paired_prostate_resampled_in_world(data_dir):
     mov, fix, mlab, flab = load_paired(data_dir / "prostate" / "paired" / "test", label_channels=[0])
     assert mov.shape == fix.shape and mov.shape[2:] == (41, 59, 44)
     assert mlab.shape[1] == 1 and flab.shape[1] == 1
+    assert not mov.requires_grad and mov.grad_fn is None
 
 
 def _write_config(tmp_path: Path, data: Path) -> Path:
@@ -322,3 +323,12 @@ def test_fit_ddp_two_processes_on_cpu(tmp_path):
         " ", ""
     )
     assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["global_step"] == 3
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_shipped_configs_parse(config, capsys):
+    """Every config names real classes and arguments (LightningCLI validates it without training)."""
+    with pytest.raises(SystemExit) as done:
+        main(["fit", "--config", str(ROOT / "configs" / config), "--print_config"])
+    assert done.value.code in (0, None)
+    assert "class_path: stnreg.learn." in capsys.readouterr().out

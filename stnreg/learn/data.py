@@ -201,11 +201,12 @@ def load_paired(
     for mf, ff, ml, fl in zip(mfiles, ffiles, mlf, flf, strict=True):
         mov, fix = read_image(mf), read_image(ff)
         ident = Affine(fix.ndim)
-        movs.append(apply(ident, mov, fix).data)
-        fixs.append(fix.data.float())
-        if has_labels:
-            mlabs.append(apply(ident, read_image(ml, label=True), fix, "nearest").data)
-            flabs.append(read_image(fl, label=True).data)
+        with torch.no_grad():
+            movs.append(apply(ident, mov, fix).data)
+            fixs.append(fix.data.float())
+            if has_labels:
+                mlabs.append(apply(ident, read_image(ml, label=True), fix, "nearest").data)
+                flabs.append(read_image(fl, label=True).data)
     if not movs:
         raise ValueError(f"{base}: the selection {index} holds no pairs")
     mov_t, mlab_t = _finish(movs, mlabs or None, shape, label_channels, str(base / "moving_images"))
