@@ -1,0 +1,80 @@
+"""Data modules for the paper's MNIST experiments (generated on setup, deterministic from a seed)."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from ..learn.data import resolve_data_path
+from .data import EXPERIMENTS, load_mnist, make_variant
+
+__all__ = ["MNISTVariants"]
+
+
+class MNISTVariants(L.LightningDataModule):
+    """Training and test sets of one experiment (the test set is MNIST's, distorted with ``seed + 1``).
+
+    Batches are ``(images uint8 (N, C, H, W), labels)`` plus ``boxes`` ``(N, 4)`` for co-localization.
+
+    Args:
+        experiment: one of :data:`stnreg.paper.data.EXPERIMENTS`.
+        data: MNIST ``.npz`` or a folder of the original IDX files (looked up under ``$STNREG_DATA``).
+        train_size, test_size: use the first ``n`` digits (``None``: all).
+        digit: keep only this class (co-localization trains one class at a time).
+        seed: generation seed.
+    """
+
+    def __init__(
+        self,
+        experiment: str = "RTS",
+        data: str = "mnist/mnist.npz",
+        train_size: int | None = None,
+        test_size: int | None = None,
+        digit: int | None = None,
+        seed: int = 0,
+        batch_size: int = 256,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        if experiment not in EXPERIMENTS:
+            raise ValueError(f"unknown experiment {experiment!r}; choose from {', '.join(EXPERIMENTS)}")
+        self.save_hyperparameters()
+        self.train_set: TensorDataset | None = None
+        self.test_set: TensorDataset | None = None
+
+    def _make(self, x, y, size: int | None, seed: int) -> TensorDataset:
+        h = self.hparams
+        if h.digit is not None:
+            keep = y == h.digit
+            x, y = x[keep], y[keep]
+        if size is not None:
+            x, y = x[:size], y[:size]
+        v = make_variant(h.experiment, x, y, seed)
+        parts = [v.images, v.labels] + ([v.boxes] if v.boxes is not None else [])
+        return TensorDataset(*parts)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        h = self.hparams
+        mnist = load_mnist(resolve_data_path(h.data))
+        self.train_set = self._make(mnist["x_train"], mnist["y_train"], h.train_size, h.seed)
+        self.test_set = self._make(mnist["x_test"], mnist["y_test"], h.test_size, h.seed + 1)
+
+    def train_dataloader(self) -> DataLoader:
+        g = torch.Generator().manual_seed(self.hparams.seed)
+        return DataLoader(
+            self.train_set,
+            self.hparams.batch_size,
+            shuffle=True,
+            drop_last=True,
+            generator=g,
+            num_workers=self.hparams.num_workers,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.test_set, 1024, num_workers=self.hparams.num_workers)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()

@@ -1,0 +1,192 @@
+"""The paper's classifiers: FCN, CNN, ST-FCN, ST-CNN (one or several parallel transformers), and the
+co-localization model (attention transformer + encoder).
+
+Layer sizes follow our reading of the paper's appendix (all are constructor arguments, so configs
+can change them): FCN with two hidden ReLU layers; CNN with two conv + 2x2 max-pool blocks (9x9 and
+7x7 kernels) and a linear classifier; localization networks an FCN of three 32-unit layers
+(ST-FCN) or a two-block 5x5 CNN with 20 filters and a 50-unit layer (ST-CNN); the regression head
+starts at the identity transform. Inputs are ``(N, C, H, W)`` floats scaled to [0, 1].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..nets.stn import MultiSpatialTransformer, SpatialTransformer
+from ..transforms import Affine, Attention, Projective, ThinPlateSpline, uniform_control_points
+
+__all__ = ["ARCHITECTURES", "CoLocalizer", "STClassifier", "make_cnn", "make_fcn", "make_transform"]
+
+ARCHITECTURES = ("fcn", "cnn", "st-fcn", "st-cnn")
+
+
+def make_fcn(in_features: int, hidden: Sequence[int], out: int | None = None, dropout: float = 0.0) -> nn.Sequential:
+    """Flatten -> (Linear -> ReLU [-> Dropout]) per hidden width [-> Linear(out)]."""
+    layers: list[nn.Module] = [nn.Flatten()]
+    c = in_features
+    for w in hidden:
+        layers += [nn.Linear(c, w), nn.ReLU(inplace=True)]
+        if dropout:
+            layers.append(nn.Dropout(dropout))
+        c = w
+    if out is not None:
+        layers.append(nn.Linear(c, out))
+    return nn.Sequential(*layers)
+
+
+def make_cnn(in_channels: int, channels: Sequence[int], kernels: Sequence[int]) -> nn.Sequential:
+    """(Conv 'same' -> ReLU -> MaxPool 2x2, ceil) blocks."""
+    if len(channels) != len(kernels):
+        raise ValueError(f"channels {tuple(channels)} and kernels {tuple(kernels)} differ in length")
+    layers: list[nn.Module] = []
+    c = in_channels
+    for w, k in zip(channels, kernels, strict=True):
+        layers += [nn.Conv2d(c, w, k, padding=k // 2), nn.ReLU(inplace=True), nn.MaxPool2d(2, ceil_mode=True)]
+        c = w
+    return nn.Sequential(*layers)
+
+
+def _flat_size(module: nn.Module, shape: Sequence[int]) -> int:
+    with torch.no_grad():
+        return int(module(torch.zeros(1, *shape)).flatten(1).shape[1])
+
+
+def make_transform(name: str, tps_points: int = 4):
+    """A 2D transform template: ``affine``, ``projective``, ``tps`` (``tps_points``² control points), ``attention``."""
+    if name == "affine":
+        return Affine(2)
+    if name == "projective":
+        return Projective(2)
+    if name == "attention":
+        return Attention(2)
+    if name == "tps":
+        return ThinPlateSpline(uniform_control_points((tps_points, tps_points)))
+    raise ValueError(f"unknown transform {name!r}; choose from affine, projective, tps, attention")
+
+
+class STClassifier(nn.Module):
+    """``architecture`` in ``fcn``, ``cnn``, ``st-fcn``, ``st-cnn``; ``transformers`` parallel STs.
+
+    Args:
+        in_shape: ``(C, H, W)`` of the input.
+        classes: output classes (logits ``(N, classes)``).
+        transform: ``affine``, ``projective`` or ``tps`` for the ST models.
+        st_output: transformer output size ``(h, w)`` (default: the input's).
+        st_pool: average pooling of the transformer output before the classifier (the paper
+            downsamples by 2 for RTS and TC).
+        transformers: parallel transformers (2 for the addition experiment's 2xST-FCN).
+        fcn_hidden, cnn_channels, cnn_kernels, dropout: the classifier.
+        loc_hidden, loc_channels, loc_kernel, loc_features: the localization network.
+        tps_points: control points per axis of ``tps``.
+    """
+
+    def __init__(
+        self,
+        architecture: str = "st-cnn",
+        in_shape: Sequence[int] = (1, 28, 28),
+        classes: int = 10,
+        transform: str = "affine",
+        st_output: Sequence[int] | None = None,
+        st_pool: int = 1,
+        transformers: int = 1,
+        fcn_hidden: Sequence[int] = (128, 128),
+        cnn_channels: Sequence[int] = (32, 32),
+        cnn_kernels: Sequence[int] = (9, 7),
+        dropout: float = 0.0,
+        loc_hidden: Sequence[int] = (32, 32, 32),
+        loc_channels: Sequence[int] = (20, 20),
+        loc_kernel: int = 5,
+        loc_features: int = 50,
+        tps_points: int = 4,
+    ) -> None:
+        super().__init__()
+        if architecture not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {architecture!r}; choose from {', '.join(ARCHITECTURES)}")
+        c, h, w = (int(s) for s in in_shape)
+        self.architecture = architecture
+        self.transformer: nn.Module | None = None
+        if architecture.startswith("st-"):
+            out = tuple(st_output) if st_output else (h, w)
+            sts = []
+            for _ in range(transformers):
+                if architecture == "st-fcn":
+                    loc = make_fcn(c * h * w, loc_hidden)
+                    feats = loc_hidden[-1]
+                else:
+                    body = make_cnn(c, loc_channels, [loc_kernel] * len(loc_channels))
+                    loc = nn.Sequential(
+                        body, nn.Flatten(), nn.Linear(_flat_size(body, (c, h, w)), loc_features), nn.ReLU()
+                    )
+                    feats = loc_features
+                sts.append(SpatialTransformer(loc, make_transform(transform, tps_points), feats, output_size=out))
+            self.transformer = sts[0] if transformers == 1 else MultiSpatialTransformer(sts)
+            c, h, w = c * transformers, out[0], out[1]
+            self.pool = int(st_pool)
+            h, w = -(-h // self.pool), -(-w // self.pool)
+        else:
+            self.pool = 1
+        if architecture.endswith("fcn"):
+            self.classifier = make_fcn(c * h * w, fcn_hidden, classes, dropout)
+        else:
+            body = make_cnn(c, cnn_channels, cnn_kernels)
+            self.classifier = nn.Sequential(
+                body, nn.Flatten(), nn.Dropout(dropout), nn.Linear(_flat_size(body, (c, h, w)), classes)
+            )
+
+    def transformed(self, x: Tensor) -> Tensor:
+        """What the classifier sees: the (pooled) transformer output, or ``x`` for plain models."""
+        if self.transformer is None:
+            return x
+        out = self.transformer(x)
+        return F.avg_pool2d(out, self.pool, ceil_mode=True) if self.pool > 1 else out
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.transformed(x))
+
+
+class CoLocalizer(nn.Module):
+    """Attention transformer that crops a digit-sized window, and an encoder embedding the crop.
+
+    The head starts at a centred window of ``init_scale`` of the input (the digit's size relative
+    to the canvas), so the window is a digit-sized crop from the first step.
+
+    Args:
+        size: canvas size (84); crop: the window's output size (28).
+        embedding: encoder output features.
+    """
+
+    def __init__(
+        self,
+        size: int = 84,
+        crop: int = 28,
+        embedding: int = 32,
+        loc_channels: Sequence[int] = (20, 20),
+        enc_channels: Sequence[int] = (32, 32),
+    ) -> None:
+        super().__init__()
+        body = make_cnn(1, loc_channels, [5] * len(loc_channels))
+        loc = nn.Sequential(body, nn.Flatten(), nn.Linear(_flat_size(body, (1, size, size)), 50), nn.ReLU())
+        self.transformer = SpatialTransformer(loc, Attention(2), 50, output_size=(crop, crop))
+        with torch.no_grad():
+            self.transformer.head.bias[0] = crop / size
+        enc = make_cnn(1, enc_channels, [5] * len(enc_channels))
+        self.encoder = nn.Sequential(enc, nn.Flatten(), nn.Linear(_flat_size(enc, (1, crop, crop)), embedding))
+        self.size, self.crop = size, crop
+
+    def window(self, x: Tensor) -> Tensor:
+        """Predicted sampling windows ``(N, 4)`` = ``x0, y0, x1, y1`` in input pixels."""
+        p = self.transformer.predict(x).params
+        s, t = p[:, :1].abs(), p[:, 1:]
+        lo, hi = (t - s + 1) * self.size / 2, (t + s + 1) * self.size / 2
+        return torch.cat([lo, hi], 1)
+
+    def crops(self, x: Tensor) -> Tensor:
+        return self.transformer(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Embeddings ``(N, embedding)`` of the attended crops."""
+        return self.encoder(self.crops(x))
