@@ -2,18 +2,24 @@
 and transforms: data generators, classifiers, Lightning tasks and data modules."""
 
 from .data import EXPERIMENTS, Variant, load_mnist, make_variant, read_idx
-from .datamodule import MNISTVariants
-from .models import ARCHITECTURES, CoLocalizer, STClassifier
-from .task import ClassificationTask, CoLocalizationTask, box_iou
+from .datamodule import CUBData, MNISTVariants, SVHNData
+from .models import ARCHITECTURES, CoLocalizer, PartAttentionNet, STClassifier, SVHNNet
+from .task import ClassificationTask, CoLocalizationTask, CUBTask, SVHNTask, box_iou
 
 __all__ = [
     "ARCHITECTURES",
     "EXPERIMENTS",
+    "CUBData",
+    "CUBTask",
     "ClassificationTask",
     "CoLocalizationTask",
     "CoLocalizer",
     "MNISTVariants",
+    "PartAttentionNet",
     "STClassifier",
+    "SVHNData",
+    "SVHNNet",
+    "SVHNTask",
     "Variant",
     "box_iou",
     "load_mnist",

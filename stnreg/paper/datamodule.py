@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from ..learn.data import resolve_data_path
 from .data import EXPERIMENTS, load_mnist, make_variant
 
-__all__ = ["MNISTVariants"]
+__all__ = ["CUBData", "MNISTVariants", "SVHNData"]
 
 
 class MNISTVariants(L.LightningDataModule):
@@ -78,3 +78,66 @@ class MNISTVariants(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
+
+
+class SVHNData(L.LightningDataModule):
+    """SVHN format 1 folders (``train/``, ``test/`` with ``digitStruct.mat``), cropped and resized to ``size``.
+
+    Args:
+        train, test: the folders (looked up under ``$STNREG_DATA``).
+        size: 64 or 128 (the paper's two settings).
+        limit: use at most this many numbers per split.
+    """
+
+    def __init__(
+        self,
+        train: str = "svhn/train",
+        test: str = "svhn/test",
+        size: int = 64,
+        limit: int | None = None,
+        batch_size: int = 128,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.train_set: TensorDataset | None = None
+        self.test_set: TensorDataset | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        from .svhn import load_svhn
+
+        if self.train_set is None:
+            h = self.hparams
+            self.train_set = TensorDataset(*load_svhn(resolve_data_path(h.train), h.size, h.limit))
+            self.test_set = TensorDataset(*load_svhn(resolve_data_path(h.test), h.size, h.limit))
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.train_set, self.hparams.batch_size, shuffle=True, drop_last=True, num_workers=self.hparams.num_workers
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.test_set, 256, num_workers=self.hparams.num_workers)
+
+
+class CUBData(L.LightningDataModule):
+    """CUB-200-2011 (official layout under ``root``), images resized to ``size`` (224 or 448)."""
+
+    def __init__(self, root: str = "CUB_200_2011", size: int = 224, batch_size: int = 32, num_workers: int = 2) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+
+    def setup(self, stage: str | None = None) -> None:
+        from .cub import CUBDataset
+
+        root = resolve_data_path(self.hparams.root)
+        self.train_set = CUBDataset(root, True, self.hparams.size)
+        self.test_set = CUBDataset(root, False, self.hparams.size)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.train_set, self.hparams.batch_size, shuffle=True, drop_last=True, num_workers=self.hparams.num_workers
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.test_set, self.hparams.batch_size, num_workers=self.hparams.num_workers)

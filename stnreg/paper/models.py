@@ -19,7 +19,16 @@ from torch import Tensor, nn
 from ..nets.stn import MultiSpatialTransformer, SpatialTransformer
 from ..transforms import Affine, Attention, Projective, ThinPlateSpline, uniform_control_points
 
-__all__ = ["ARCHITECTURES", "CoLocalizer", "STClassifier", "make_cnn", "make_fcn", "make_transform"]
+__all__ = [
+    "ARCHITECTURES",
+    "CoLocalizer",
+    "PartAttentionNet",
+    "STClassifier",
+    "SVHNNet",
+    "make_cnn",
+    "make_fcn",
+    "make_transform",
+]
 
 ARCHITECTURES = ("fcn", "cnn", "st-fcn", "st-cnn")
 
@@ -190,3 +199,102 @@ class CoLocalizer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Embeddings ``(N, embedding)`` of the attended crops."""
         return self.encoder(self.crops(x))
+
+
+def _localizer(channels: int, features: int = 32) -> nn.Module:
+    """A size-agnostic localization CNN (global average pooling) for feature maps of any shape."""
+    from ..nets.localization import LocalizationCNN
+
+    return LocalizationCNN(channels, 2, (32, 32), features)
+
+
+class SVHNNet(nn.Module):
+    """Multi-digit SVHN classifier: conv blocks, a hidden layer, and one 11-way head per digit position.
+
+    Args:
+        size: input size (64 or 128).
+        st: ``"none"``, ``"single"`` (one transformer at the input) or ``"multi"`` (one before each of
+            the first four conv blocks, on the feature maps), as the paper's ST-CNN Single / Multi.
+        channels: conv block widths (each halves the resolution).
+        hidden: width of the fully connected layer.
+        transform: transform family of the transformers.
+    Output: logits ``(N, 5, 11)`` (class 10 = no digit).
+    """
+
+    def __init__(
+        self,
+        size: int = 64,
+        st: str = "single",
+        channels: Sequence[int] = (48, 64, 128, 160),
+        hidden: int = 512,
+        transform: str = "affine",
+    ) -> None:
+        super().__init__()
+        if st not in ("none", "single", "multi"):
+            raise ValueError(f"st must be 'none', 'single' or 'multi', got {st!r}")
+        self.blocks = nn.ModuleList()
+        self.transformers = nn.ModuleList()
+        c = 3
+        for i, w in enumerate(channels):
+            if (st == "multi" and i < 4) or (st == "single" and i == 0):
+                self.transformers.append(SpatialTransformer(_localizer(c), make_transform(transform), 32))
+            else:
+                self.transformers.append(nn.Identity())
+            self.blocks.append(
+                nn.Sequential(
+                    nn.Conv2d(c, w, 5, padding=2),
+                    nn.BatchNorm2d(w),
+                    nn.ReLU(inplace=True),
+                    nn.MaxPool2d(2, ceil_mode=True),
+                )
+            )
+            c = w
+        side = size
+        for _ in channels:
+            side = -(-side // 2)
+        self.fc = nn.Sequential(
+            nn.Flatten(), nn.Linear(c * side * side, hidden), nn.ReLU(inplace=True), nn.Dropout(0.3)
+        )
+        self.heads = nn.Linear(hidden, 5 * 11)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for st, block in zip(self.transformers, self.blocks, strict=True):
+            x = block(st(x))
+        return self.heads(self.fc(x)).reshape(-1, 5, 11)
+
+
+class PartAttentionNet(nn.Module):
+    """The paper's CUB model in small: ``K`` parallel attention transformers crop parts of the image,
+    one shared backbone embeds each crop, and a linear layer classifies the concatenated features.
+
+    The paper's backbone is an ImageNet-pretrained Inception; no pretrained weights are used here
+    (none can be downloaded in this project), so ``backbone`` is a plain CNN trained from scratch.
+
+    Args:
+        transformers: ``K`` (2 or 4 in the paper).
+        crop: output size of each crop.
+        channels: backbone conv widths; classes: 200.
+    The heads start at half-size windows spread over the image (left/right for 2, quadrants for 4,
+    centred otherwise).
+    """
+
+    def __init__(
+        self, transformers: int = 2, crop: int = 112, channels: Sequence[int] = (32, 64, 128), classes: int = 200
+    ):
+        super().__init__()
+        sts = [
+            SpatialTransformer(_localizer(3, 64), Attention(2), 64, output_size=(crop, crop))
+            for _ in range(transformers)
+        ]
+        spread = {2: [(-0.25, 0.0), (0.25, 0.0)], 4: [(-0.25, -0.25), (0.25, -0.25), (-0.25, 0.25), (0.25, 0.25)]}
+        offsets = spread.get(transformers, [(0.0, 0.0)] * transformers)
+        with torch.no_grad():
+            for st, (ox, oy) in zip(sts, offsets, strict=True):
+                st.head.bias.copy_(torch.tensor([0.5, ox, oy]))
+        self.transformers = nn.ModuleList(sts)
+        body = make_cnn(3, channels, [3] * len(channels))
+        self.backbone = nn.Sequential(body, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.classifier = nn.Linear(channels[-1] * transformers, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(torch.cat([self.backbone(st(x)) for st in self.transformers], 1))

@@ -18,7 +18,7 @@ from ..sampler import sample
 from ..transforms import Attention
 from .models import CoLocalizer, STClassifier
 
-__all__ = ["ClassificationTask", "CoLocalizationTask", "box_iou"]
+__all__ = ["CUBTask", "ClassificationTask", "CoLocalizationTask", "SVHNTask", "box_iou"]
 
 
 def _optimizer(module: L.LightningModule, transformer: torch.nn.Module | None):
@@ -189,3 +189,99 @@ class CoLocalizationTask(L.LightningModule):
 
     def configure_optimizers(self):
         return _optimizer(self, self.model.transformer)
+
+
+class SVHNTask(L.LightningModule):
+    """Multi-digit SVHN with :class:`~stnreg.paper.models.SVHNNet`: summed cross-entropy over the five
+    positions; ``val/error`` is the % of numbers with any position wrong (the paper's sequence error)."""
+
+    def __init__(
+        self,
+        size: int = 64,
+        st: str = "single",
+        channels: list[int] | None = None,
+        hidden: int = 512,
+        transform: str = "affine",
+        optimizer: str = "sgd",
+        lr: float = 0.01,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        loc_lr_scale: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        from .models import SVHNNet
+
+        kw = {"channels": channels} if channels else {}
+        self.model = SVHNNet(size, st, hidden=hidden, transform=transform, **kw)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+    def _step(self, batch: list[Tensor], stage: str) -> Tensor:
+        x, y = batch[0].float() / 255.0, batch[1]
+        logits = self(x)
+        loss = F.cross_entropy(logits.reshape(-1, 11), y.reshape(-1)) * y.shape[1]
+        error = 100.0 * (logits.argmax(-1) != y).any(1).float().mean()
+        self.log(f"{stage}/loss", loss, batch_size=len(y), sync_dist=stage != "train")
+        self.log(f"{stage}/error", error, prog_bar=True, batch_size=len(y), sync_dist=stage != "train")
+        return loss
+
+    def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: list[Tensor], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: list[Tensor], batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def configure_optimizers(self):
+        return _optimizer(self, self.model.transformers)
+
+
+class CUBTask(L.LightningModule):
+    """CUB-200 with :class:`~stnreg.paper.models.PartAttentionNet`; ``val/error`` in %."""
+
+    def __init__(
+        self,
+        transformers: int = 2,
+        crop: int = 112,
+        channels: list[int] | None = None,
+        classes: int = 200,
+        optimizer: str = "sgd",
+        lr: float = 0.01,
+        momentum: float = 0.9,
+        weight_decay: float = 1e-4,
+        loc_lr_scale: float = 0.01,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        from .models import PartAttentionNet
+
+        kw = {"channels": channels} if channels else {}
+        self.model = PartAttentionNet(transformers, crop, classes=classes, **kw)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+    def _step(self, batch: list[Tensor], stage: str) -> Tensor:
+        x, y = batch[0].float() / 255.0, batch[1]
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
+        self.log(f"{stage}/loss", loss, batch_size=len(y), sync_dist=stage != "train")
+        error = 100.0 * (logits.argmax(1) != y).float().mean()
+        self.log(f"{stage}/error", error, prog_bar=True, batch_size=len(y), sync_dist=stage != "train")
+        return loss
+
+    def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: list[Tensor], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: list[Tensor], batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def configure_optimizers(self):
+        return _optimizer(self, self.model.transformers)

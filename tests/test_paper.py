@@ -1,0 +1,306 @@
+"""The paper's experiments: data generators, loaders, models, and that an ST-CNN learns."""
+
+import gzip
+import struct
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from stnreg.cli import main
+from stnreg.paper import (
+    EXPERIMENTS,
+    ClassificationTask,
+    CoLocalizationTask,
+    CoLocalizer,
+    MNISTVariants,
+    STClassifier,
+    box_iou,
+    load_mnist,
+    make_variant,
+    read_idx,
+)
+
+
+def _digits(n=64, seed=0):
+    """Blocky synthetic 'digits': a bright 12x8 bar at the centre of a 28x28 frame, class = seed-free index."""
+    rng = np.random.default_rng(seed)
+    x = np.zeros((n, 28, 28), np.uint8)
+    x[:, 8:20, 10:18] = rng.integers(128, 256, (n, 1, 1))
+    return x, np.arange(n) % 10
+
+
+def _write_idx(path, arr, gz=True):
+    header = struct.pack(">BBBB", 0, 0, 0x08, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
+    data = header + arr.astype(np.uint8).tobytes()
+    with (gzip.open if gz else open)(path, "wb") as fh:
+        fh.write(data)
+
+
+def test_idx_folder_and_npz_load_identically(tmp_path):
+    x, y = _digits(20)
+    for name, arr in (
+        ("train-images-idx3-ubyte", x),
+        ("train-labels-idx1-ubyte", y),
+        ("t10k-images-idx3-ubyte", x[:5]),
+        ("t10k-labels-idx1-ubyte", y[:5]),
+    ):
+        _write_idx(tmp_path / f"{name}.gz", arr, gz=name.startswith("train"))
+        if not name.startswith("train"):
+            (tmp_path / f"{name}.gz").rename(tmp_path / name)
+    a = load_mnist(tmp_path)
+    np.savez(tmp_path / "m.npz", x_train=x, y_train=y, x_test=x[:5], y_test=y[:5])
+    b = load_mnist(tmp_path / "m.npz")
+    for k in a:
+        assert np.array_equal(a[k], b[k])
+    assert a["x_train"].shape == (20, 28, 28) and a["y_train"].dtype == np.int64
+
+
+def test_idx_errors(tmp_path):
+    (tmp_path / "bad").write_bytes(b"\x01\x02\x03\x04rest")
+    with pytest.raises(ValueError, match="magic"):
+        read_idx(tmp_path / "bad")
+    x, _ = _digits(3)
+    _write_idx(tmp_path / "short.gz", x)
+    with gzip.open(tmp_path / "short.gz") as fh:
+        raw = fh.read()
+    with gzip.open(tmp_path / "short.gz", "wb") as fh:
+        fh.write(raw[:-10])
+    with pytest.raises(ValueError, match="truncated"):
+        read_idx(tmp_path / "short.gz")
+    with pytest.raises(ValueError, match="IDX files"):
+        load_mnist(tmp_path)
+    np.savez(tmp_path / "m.npz", x_train=x)
+    with pytest.raises(ValueError, match="missing arrays"):
+        load_mnist(tmp_path / "m.npz")
+
+
+SIZES = {
+    "R": (1, 28),
+    "RTS": (1, 42),
+    "P": (1, 28),
+    "E": (1, 28),
+    "TC": (1, 60),
+    "addition": (2, 42),
+    "coloc-T": (1, 84),
+    "coloc-TC": (1, 84),
+}
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_generators_shapes_determinism_and_labels(name):
+    x, y = _digits(40)
+    v = make_variant(name, x, y, seed=3, chunk=16)
+    c, s = SIZES[name]
+    assert v.images.shape == (40, c, s, s) and v.images.dtype == torch.uint8
+    assert int(v.images.max()) > 100  # the digit is visible
+    again = make_variant(name, x, y, seed=3, chunk=16)
+    assert torch.equal(v.images, again.images) and torch.equal(v.labels, again.labels)
+    other = make_variant(name, x, y, seed=4, chunk=16)
+    assert not torch.equal(v.images, other.images)
+    if name == "addition":
+        assert v.labels.min() >= 0 and v.labels.max() <= 18 and not torch.equal(v.labels, torch.as_tensor(y))
+    else:
+        assert torch.equal(v.labels, torch.as_tensor(y))
+    assert (v.boxes is not None) == (name in ("TC", "coloc-T", "coloc-TC"))
+
+
+@pytest.mark.parametrize("name", ["TC", "coloc-T", "coloc-TC"])
+def test_true_box_holds_the_digit(name):
+    x, y = _digits(30)
+    v = make_variant(name, x, y, seed=0)
+    for i in range(30):
+        x0, y0, x1, y1 = v.boxes[i].tolist()
+        assert x1 - x0 == 28 and y1 - y0 == 28 and x0 >= 0 and x1 <= SIZES[name][1]
+        crop = v.images[i, 0, y0:y1, x0:x1]
+        # Max-pasted clutter may add ink on top, never remove the digit's.
+        assert bool((crop >= torch.as_tensor(x[i])).all())
+        if name == "coloc-T":
+            assert torch.equal(crop, torch.as_tensor(x[i])) and int(v.images[i].sum()) == int(x[i].sum())
+
+
+def test_rotation_keeps_ink_and_rts_stays_in_canvas():
+    x, y = _digits(50)
+    r = make_variant("R", x, y, seed=0).images.float().sum((1, 2, 3))
+    mass = torch.as_tensor(x).float().sum((1, 2))
+    assert torch.allclose(r, mass, rtol=0.05)
+    rts = make_variant("RTS", x, y, seed=0).images.float()
+    border = rts[..., :2, :].sum() + rts[..., -2:, :].sum() + rts[..., :, :2].sum() + rts[..., :, -2:].sum()
+    assert float(border) == 0.0
+
+
+@pytest.mark.parametrize("transform", ["affine", "projective", "tps"])
+def test_st_classifiers_start_at_identity(transform):
+    x = torch.rand(4, 1, 28, 28)
+    m = STClassifier("st-cnn", (1, 28, 28), 10, transform)
+    assert torch.allclose(m.transformed(x), x, atol=1e-5)
+    assert m(x).shape == (4, 10)
+    assert torch.equal(STClassifier("cnn", (1, 28, 28)).transformed(x), x)
+    two = STClassifier("st-fcn", (2, 42, 42), 19, transform, transformers=2)
+    assert two(torch.rand(3, 2, 42, 42)).shape == (3, 19)
+
+
+def test_colocalizer_window_and_iou():
+    m = CoLocalizer()
+    w = m.window(torch.rand(2, 1, 84, 84))
+    assert torch.allclose(w, torch.tensor([[28.0, 28.0, 56.0, 56.0]] * 2), atol=1e-5)
+    a = torch.tensor([[0.0, 0, 10, 10], [0, 0, 10, 10]])
+    b = torch.tensor([[5.0, 0, 15, 10], [20, 20, 30, 30]])
+    assert torch.allclose(box_iou(a, b), torch.tensor([1 / 3, 0.0]))
+
+
+def test_st_cnn_learns_rts_quickly(data_dir):
+    """A few thousand RTS digits: the error falls well below chance (90%) within seconds."""
+    dm = MNISTVariants("RTS", str(data_dir / "mnist" / "mnist.npz"), train_size=4000, test_size=1000, batch_size=64)
+    L.seed_everything(0)
+    task = ClassificationTask("st-cnn", [1, 42, 42], st_pool=2, optimizer="adam", lr=2e-3)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(task, dm)
+    error = float(trainer.validate(task, dm, verbose=False)[0]["val/error"])
+    assert error < 40.0
+
+
+def test_colocalization_trains_and_scores(tmp_path):
+    x, _ = _digits(64)
+    np.savez(
+        tmp_path / "m.npz", x_train=x, y_train=np.zeros(64, np.int64), x_test=x[:32], y_test=np.zeros(32, np.int64)
+    )
+    dm = MNISTVariants("coloc-T", str(tmp_path / "m.npz"), digit=0, batch_size=16)
+    task = CoLocalizationTask()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(task, dm)
+    acc = float(trainer.validate(task, dm, verbose=False)[0]["val/accuracy"])
+    assert 0.0 <= acc <= 100.0
+
+
+def test_paper_config_runs_with_stnreg_fit(tmp_path, data_dir, monkeypatch):
+    args = [
+        "fit",
+        "--config",
+        "configs/paper/distorted_rts.yaml",
+        "--trainer.max_steps",
+        "3",
+        "--trainer.logger",
+        "false",
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        "--trainer.callbacks",
+        "[]",
+        "--trainer.enable_checkpointing",
+        "false",
+        "--data.init_args.data",
+        str(data_dir / "mnist" / "mnist.npz"),
+        "--data.init_args.train_size",
+        "512",
+        "--data.init_args.test_size",
+        "256",
+        "--model.init_args.transform",
+        "tps",
+    ]
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    assert main(args) == 0
+
+
+def test_unknown_names_are_rejected():
+    with pytest.raises(ValueError, match="unknown experiment"):
+        make_variant("XYZ", *_digits(2), seed=0)
+    with pytest.raises(ValueError, match="unknown architecture"):
+        STClassifier("resnet")
+    with pytest.raises(ValueError, match="unknown transform"):
+        STClassifier("st-cnn", transform="spline")
+    with pytest.raises(ValueError, match="unknown experiment"):
+        MNISTVariants("XYZ")
+
+
+def _write_digit_struct(folder, samples):
+    """A MATLAB v7.3 digitStruct.mat as SVHN ships it (HDF5 with object references)."""
+    import h5py
+
+    with h5py.File(folder / "digitStruct.mat", "w") as f:
+        refs = f.create_group("#refs#")
+        g = f.create_group("digitStruct")
+        names = g.create_dataset("name", (len(samples), 1), dtype=h5py.ref_dtype)
+        bboxes = g.create_dataset("bbox", (len(samples), 1), dtype=h5py.ref_dtype)
+        for i, (name, boxes) in enumerate(samples):
+            names[i, 0] = refs.create_dataset(f"n{i}", data=np.array([[ord(c)] for c in name], np.uint16)).ref
+            b = refs.create_group(f"b{i}")
+            for j, key in enumerate(("label", "left", "top", "width", "height")):
+                vals = [float(box[j]) for box in boxes]
+                if len(vals) == 1:
+                    b.create_dataset(key, data=np.array([[vals[0]]]))
+                else:
+                    ds = b.create_dataset(key, (len(vals), 1), dtype=h5py.ref_dtype)
+                    for k, v in enumerate(vals):
+                        ds[k, 0] = refs.create_dataset(f"v{i}_{key}_{k}", data=np.array([[v]])).ref
+            bboxes[i, 0] = b.ref
+
+
+def test_svhn_format1_and_format2_loaders(tmp_path):
+    from scipy.io import savemat
+    from skimage.io import imsave
+
+    from stnreg.paper.svhn import load_svhn, load_svhn_cropped
+
+    rng = np.random.default_rng(0)
+    for name in ("1.png", "2.png"):
+        imsave(tmp_path / name, rng.integers(0, 255, (40, 60, 3), dtype=np.uint8), check_contrast=False)
+    # label, left, top, width, height; SVHN writes the digit 0 as label 10.
+    _write_digit_struct(tmp_path, [("1.png", [(10, 5, 6, 8, 20)]), ("2.png", [(3, 10, 5, 9, 22), (7, 20, 6, 9, 21)])])
+    x, y = load_svhn(tmp_path, size=32)
+    assert x.shape == (2, 3, 32, 32) and x.dtype == torch.uint8
+    assert y.tolist() == [[0, 10, 10, 10, 10], [3, 7, 10, 10, 10]]
+    savemat(
+        tmp_path / "train_32x32.mat",
+        {"X": rng.integers(0, 255, (32, 32, 3, 4), dtype=np.uint8), "y": np.array([[10], [1], [2], [9]])},
+    )
+    x2, y2 = load_svhn_cropped(tmp_path / "train_32x32.mat")
+    assert x2.shape == (4, 3, 32, 32) and y2.tolist() == [0, 1, 2, 9]
+    with pytest.raises(ValueError, match="digitStruct"):
+        load_svhn(tmp_path / "nowhere")
+
+
+def test_cub_loader_and_models(tmp_path):
+    from skimage.io import imsave
+
+    from stnreg.paper import PartAttentionNet, SVHNNet
+    from stnreg.paper.cub import CUBDataset
+
+    (tmp_path / "images" / "001.Albatross").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    lines, labels, split = [], [], []
+    for i in range(1, 5):
+        rel = f"001.Albatross/bird{i}.jpg"
+        imsave(tmp_path / "images" / rel, rng.integers(0, 255, (30 + i, 40, 3), dtype=np.uint8), check_contrast=False)
+        lines.append(f"{i} {rel}")
+        labels.append(f"{i} {1 + i % 2}")
+        split.append(f"{i} {int(i <= 3)}")
+    (tmp_path / "images.txt").write_text("\n".join(lines))
+    (tmp_path / "image_class_labels.txt").write_text("\n".join(labels))
+    (tmp_path / "train_test_split.txt").write_text("\n".join(split))
+    train, test = CUBDataset(tmp_path, True, 64), CUBDataset(tmp_path, False, 64)
+    assert len(train) == 3 and len(test) == 1
+    img, label = test[0]
+    assert img.shape == (3, 64, 64) and img.dtype == torch.uint8 and label == 0
+    assert PartAttentionNet(4, crop=32, channels=(8, 8), classes=200)(torch.rand(2, 3, 64, 64)).shape == (2, 200)
+    assert SVHNNet(64, "multi", channels=(8, 8, 8, 8), hidden=16)(torch.rand(2, 3, 64, 64)).shape == (2, 5, 11)
+    (tmp_path / "train_test_split.txt").unlink()
+    with pytest.raises(ValueError, match="train_test_split"):
+        CUBDataset(tmp_path)
