@@ -325,7 +325,10 @@ def test_fit_ddp_two_processes_on_cpu(tmp_path):
     assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["global_step"] == 3
 
 
-@pytest.mark.parametrize("config", sorted(str(p.relative_to(ROOT / "configs")) for p in (ROOT / "configs").rglob("*.yaml")))
+CONFIGS = sorted(str(p.relative_to(ROOT / "configs")) for p in (ROOT / "configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", CONFIGS)
 def test_shipped_configs_parse(config, capsys):
     """Every config names real classes and arguments (LightningCLI validates it without training)."""
     with pytest.raises(SystemExit) as done:

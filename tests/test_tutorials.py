@@ -53,3 +53,13 @@ def test_learned_oasis2d_notebook(tmp_path, data_dir):
     )
     assert ns["refined"].metrics["ncc_after"] > ns["refined"].metrics["ncc_before"]
     assert (tmp_path / "out" / "pair" / "qc.png").exists() and (tmp_path / "out" / "learned_oasis2d.png").exists()
+
+
+def test_stn_mnist_rts_notebook(tmp_path, data_dir):
+    ns = run_notebook(
+        TUTORIALS / "stn_mnist_rts.ipynb",
+        {"STNREG_DATA": str(data_dir), "STNREG_TUTORIAL_BUDGET": "0.01", "STNREG_TUTORIAL_OUT": str(tmp_path / "out")},
+        tmp_path,
+    )
+    assert all(e < 90.0 for e in ns["errors"].values())  # better than chance on a tiny budget
+    assert (tmp_path / "out" / "rts_transformer.png").exists()
