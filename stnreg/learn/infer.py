@@ -149,7 +149,7 @@ def register_with_model(
         m_in = normalize_intensity(m_on_f.data[None]).to(dev)
     t_load = time.perf_counter()
     with torch.no_grad():
-        out = task.net(m_in, f_in)
+        out = task.net(m_in, f_in, warp_output=False)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     t_inf = time.perf_counter()

@@ -49,13 +49,14 @@ class RegistrationOutput:
         stages: the per-stage transforms ``S_k`` (same domain).
         raw: per-stage network outputs (matrix/control parameters; dense fields ``(N, d, *shape)``
             in voxels of the network input, ``(x, y, z)`` channels), what refinement optimizes.
-        warped: the moving image resampled through ``transform``, ``(N, C, *fixed_shape)``.
+        warped: the moving image resampled through ``transform``, ``(N, C, *fixed_shape)``
+            (``None`` when the forward pass was asked not to make it).
     """
 
     transform: Transform
     stages: list[ParametricTransform]
     raw: list[Tensor]
-    warped: Tensor
+    warped: Tensor | None
 
 
 class RegistrationNet(nn.Module):
@@ -148,8 +149,12 @@ class RegistrationNet(nn.Module):
     def _raw(self, k: int, moving: Tensor, fixed: Tensor) -> Tensor:
         return self.nets[k](torch.cat([moving, fixed], 1))
 
-    def forward(self, moving: Tensor, fixed: Tensor) -> RegistrationOutput:
-        """Register ``moving`` ``(N, C, *spatial)`` to ``fixed`` (same shape)."""
+    def forward(self, moving: Tensor, fixed: Tensor, warp_output: bool = True) -> RegistrationOutput:
+        """Register ``moving`` ``(N, C, *spatial)`` to ``fixed`` (same shape).
+
+        ``warp_output=False`` skips the last resampling (inference that warps the original image
+        in world space anyway); intermediate stages still see their warped input.
+        """
         if moving.shape != fixed.shape or moving.dim() != self.ndim + 2:
             raise ValueError(
                 f"a {self.ndim}D registration network needs moving and fixed of one shape (N, C, *spatial), "
@@ -166,8 +171,9 @@ class RegistrationNet(nn.Module):
             raws.append(raw)
             stages.append(s)
             total = s if total is None else total.compose(s)
-            warped = self.warp(moving, total)
-        return RegistrationOutput(total, stages, raws, warped)
+            if warp_output or k < len(self.stages) - 1:
+                warped = self.warp(moving, total)
+        return RegistrationOutput(total, stages, raws, warped if warp_output else None)
 
     def compose(self, raws: Sequence[Tensor], shape: Sequence[int]) -> tuple[Transform, list[ParametricTransform]]:
         """The total transform (and stages) from raw outputs, for refinement."""
