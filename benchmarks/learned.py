@@ -177,10 +177,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmpd:
         for case_name in args.cases.split(","):
             ckpt = args.checkpoint_dir / case_name / "last.ckpt"
-            if not (args.reuse and ckpt.exists()):
+            costs = args.checkpoint_dir / case_name / "training.json"
+            if args.reuse and ckpt.exists():
+                training[case_name] = json.loads(costs.read_text()) if costs.exists() else {}
+            else:
                 ckpt, training[case_name] = train(
                     case_name, args.data, args.steps, args.train_threads, args.checkpoint_dir
                 )
+                costs.write_text(json.dumps(training[case_name]))
             task = load_task(ckpt)
             cases = CASES[case_name](args.data, Path(tmpd), args.pairs)
             training.setdefault(case_name, {}).update(batched_forward(task, cases))

@@ -68,6 +68,8 @@ class RegistrationNet(nn.Module):
         in_channels: channels of each image.
         encoder, decoder, final: U-Net widths of dense stages (see :class:`~stnreg.nets.UNet`).
         loc_channels, loc_features: localization CNN widths of matrix and control-point stages.
+        loc_pool: cells per axis the localization CNN pools its features to (positions matter for
+            registration, so not global pooling).
         control_points: control points per axis of ``tps`` / ``bspline`` stages.
         field_factor: dense fields live on a lattice this many times coarser than the input (a
             power of two: the U-Net's decoder stops that many levels early; 2 is VoxelMorph's
@@ -90,6 +92,7 @@ class RegistrationNet(nn.Module):
         control_points: int = 5,
         field_factor: int = 1,
         int_steps: int = 7,
+        loc_pool: int = 4,
     ) -> None:
         super().__init__()
         check_ndim(ndim)
@@ -113,6 +116,7 @@ class RegistrationNet(nn.Module):
             "control_points": control_points,
             "field_factor": field_factor,
             "int_steps": int_steps,
+            "loc_pool": loc_pool,
         }
         self.ndim, self.stages, self.field_factor, self.int_steps = ndim, stages, field_factor, int_steps
         self.nets = nn.ModuleList()
@@ -129,7 +133,7 @@ class RegistrationNet(nn.Module):
                 template = ThinPlateSpline(uniform_control_points((control_points,) * ndim))
             else:
                 template = BSpline((control_points + 3,) * ndim)
-            loc = LocalizationCNN(2 * in_channels, ndim, tuple(loc_channels), loc_features)
+            loc = LocalizationCNN(2 * in_channels, ndim, tuple(loc_channels), loc_features, loc_pool)
             self.nets.append(nn.Sequential(loc, identity_head(loc_features, template)))
             self.templates.append(template)
 

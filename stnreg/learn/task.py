@@ -79,6 +79,7 @@ class RegistrationTask(L.LightningModule):
         control_points: int = 5,
         field_factor: int = 1,
         int_steps: int = 7,
+        loc_pool: int = 4,
         similarity: str = "lncc",
         window: int = 9,
         regularization: dict[str, float] | None = None,
@@ -109,6 +110,7 @@ class RegistrationTask(L.LightningModule):
             control_points=control_points,
             field_factor=field_factor,
             int_steps=int_steps,
+            loc_pool=loc_pool,
         )
         self.regularization = {"diffusion": 1.0} if regularization is None else dict(regularization)
 

@@ -10,7 +10,7 @@ __all__ = ["LocalizationCNN"]
 
 
 class LocalizationCNN(nn.Module):
-    """Conv -> ReLU -> max-pool blocks, global average pooling, then a hidden layer.
+    """Conv -> ReLU -> max-pool blocks, adaptive average pooling, then a hidden layer.
 
     Maps ``(N, in_channels, *spatial)`` of any size to features ``(N, features)``.
 
@@ -19,9 +19,14 @@ class LocalizationCNN(nn.Module):
         ndim: 2 or 3.
         channels: width of each conv block.
         features: output features (feed ``SpatialTransformer(features=...)``).
+        pool: the feature map is average-pooled to ``pool`` cells per axis before the hidden layer.
+            1 (global pooling) discards where things are; regressing translations (registration)
+            needs a coarse grid, e.g. 4.
     """
 
-    def __init__(self, in_channels: int, ndim: int = 2, channels: tuple[int, ...] = (16, 32), features: int = 32):
+    def __init__(
+        self, in_channels: int, ndim: int = 2, channels: tuple[int, ...] = (16, 32), features: int = 32, pool: int = 1
+    ):
         super().__init__()
         check_ndim(ndim)
         conv = nn.Conv2d if ndim == 2 else nn.Conv3d
@@ -32,7 +37,7 @@ class LocalizationCNN(nn.Module):
         for width in channels:
             layers += [conv(c, width, 5, padding=2), nn.ReLU(inplace=True), pool(2, ceil_mode=True)]
             c = width
-        layers += [gap(1), nn.Flatten(), nn.Linear(c, features), nn.ReLU(inplace=True)]
+        layers += [gap(pool), nn.Flatten(), nn.Linear(c * pool**ndim, features), nn.ReLU(inplace=True)]
         self.body = nn.Sequential(*layers)
         self.features = features
 
