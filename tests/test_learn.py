@@ -335,3 +335,24 @@ def test_shipped_configs_parse(config, capsys):
         main(["fit", "--config", str(ROOT / "configs" / config), "--print_config"])
     assert done.value.code in (0, None)
     assert "class_path: stnreg." in capsys.readouterr().out
+
+
+def test_pairing_modes_and_augmentation(tmp_path):
+    from stnreg.learn.task import random_affine
+
+    data = _shift_dataset(tmp_path / "s.npy", n=6)
+    inter = PairDataModule(str(data), train_index=[0, 4], val_index=[4, 6])
+    inter.setup("fit")
+    assert len(inter.train_set) == 4 * 3 and inter.val_set.pairs == [(0, 1), (1, 0)]
+    atlas = PairDataModule(str(data), mode="atlas", atlas=2, train_index=[0, 5])
+    atlas.setup("fit")
+    assert len(atlas.train_set) == 5 and torch.equal(atlas.train_set[0]["fixed"], atlas.train_set[3]["fixed"])
+    assert torch.equal(atlas.train_set[4]["fixed"], atlas.train_set[2]["moving"])
+    with pytest.raises(ValueError, match="needs atlas"):
+        PairDataModule(str(data), mode="atlas")
+    # Augmentation: strength 0 is the identity; otherwise rotations stay within ±10° * strength.
+    eye = random_affine(5, 2, 0.0).matrix()
+    assert torch.allclose(eye, torch.eye(3).expand(5, 3, 3), atol=1e-6)
+    m = random_affine(200, 3, 1.0, torch.Generator().manual_seed(0)).matrix()[:, :3, :3]
+    scales = torch.linalg.svdvals(m)
+    assert float((scales - 1).abs().max()) < 0.25 and float(m.det().min()) > 0
