@@ -30,14 +30,14 @@ class LocalizationCNN(nn.Module):
         super().__init__()
         check_ndim(ndim)
         conv = nn.Conv2d if ndim == 2 else nn.Conv3d
-        pool = nn.MaxPool2d if ndim == 2 else nn.MaxPool3d
-        gap = nn.AdaptiveAvgPool2d if ndim == 2 else nn.AdaptiveAvgPool3d
+        maxpool = nn.MaxPool2d if ndim == 2 else nn.MaxPool3d
+        avgpool = nn.AdaptiveAvgPool2d if ndim == 2 else nn.AdaptiveAvgPool3d
         layers: list[nn.Module] = []
         c = in_channels
         for width in channels:
-            layers += [conv(c, width, 5, padding=2), nn.ReLU(inplace=True), pool(2, ceil_mode=True)]
+            layers += [conv(c, width, 5, padding=2), nn.ReLU(inplace=True), maxpool(2, ceil_mode=True)]
             c = width
-        layers += [gap(pool), nn.Flatten(), nn.Linear(c * pool**ndim, features), nn.ReLU(inplace=True)]
+        layers += [avgpool(pool), nn.Flatten(), nn.Linear(c * pool**ndim, features), nn.ReLU(inplace=True)]
         self.body = nn.Sequential(*layers)
         self.features = features
 
