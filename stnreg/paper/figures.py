@@ -67,3 +67,37 @@ def colocalization_figure(
     fig.savefig(p, dpi=90, bbox_inches="tight")
     plt.close(fig)
     return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m stnreg.paper.figures CKPT --experiment RTS -o fig.png``: a trained checkpoint's figure."""
+    import argparse
+
+    from ..learn.data import resolve_data_path
+    from .data import EXPERIMENTS, load_mnist, make_variant
+    from .task import ClassificationTask, CoLocalizationTask
+
+    ap = argparse.ArgumentParser(description="inputs and transformer outputs of a trained paper model")
+    ap.add_argument("checkpoint")
+    ap.add_argument("--experiment", required=True, choices=EXPERIMENTS)
+    ap.add_argument("--data", default="mnist/mnist.npz", help="MNIST .npz or IDX folder ($STNREG_DATA-relative)")
+    ap.add_argument("-n", type=int, default=10, help="test images shown")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("-o", "--output", required=True)
+    args = ap.parse_args(argv)
+    mnist = load_mnist(resolve_data_path(args.data))
+    v = make_variant(args.experiment, mnist["x_test"][: args.n], mnist["y_test"][: args.n], args.seed)
+    if args.experiment.startswith("coloc"):
+        task = CoLocalizationTask.load_from_checkpoint(args.checkpoint, map_location="cpu")
+        colocalization_figure(task.model, v.images, v.boxes, args.output, args.experiment)
+    else:
+        task = ClassificationTask.load_from_checkpoint(args.checkpoint, map_location="cpu")
+        if task.model.transformer is None:
+            raise SystemExit(f"{args.checkpoint}: a plain {task.model.architecture} has no transformer to show")
+        transformer_figure(task.model, v.images, args.output, args.experiment)
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
