@@ -13,6 +13,7 @@ import torch
 from matplotlib.patches import Rectangle
 from torch import Tensor
 
+from ..viz import save_figure
 from .models import CoLocalizer, STClassifier
 
 __all__ = ["colocalization_figure", "transformer_figure"]
@@ -38,11 +39,7 @@ def transformer_figure(model: STClassifier, images: Tensor, path: str | os.PathL
     axes[0, 0].set_title("input", fontsize=8, loc="left")
     axes[1, 0].set_title("transformer output", fontsize=8, loc="left")
     fig.suptitle(title, fontsize=9)
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(p, dpi=90, bbox_inches="tight")
-    plt.close(fig)
-    return p
+    return save_figure(fig, path)
 
 
 @torch.no_grad()
@@ -62,11 +59,7 @@ def colocalization_figure(
             ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=color, linewidth=1.2))
         ax.axis("off")
     fig.suptitle(title, fontsize=9)
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(p, dpi=90, bbox_inches="tight")
-    plt.close(fig)
-    return p
+    return save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

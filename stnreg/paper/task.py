@@ -39,7 +39,37 @@ def _optimizer(module: L.LightningModule, transformer: torch.nn.Module | None):
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-class ClassificationTask(L.LightningModule):
+class _Supervised(L.LightningModule):
+    """Shared steps of the supervised tasks: uint8 images to [0, 1], loss and % error per stage."""
+
+    def _transformer(self) -> torch.nn.Module | None:  # pragma: no cover - each task names its own
+        raise NotImplementedError
+
+    def _loss_and_error(self, logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        return F.cross_entropy(logits, y), 100.0 * (logits.argmax(1) != y).float().mean()
+
+    def _step(self, batch: list[Tensor], stage: str) -> Tensor:
+        x, y = batch[0].float() / 255.0, batch[1]
+        loss, error = self._loss_and_error(self(x), y)
+        on_epoch = stage != "train"
+        self.log(f"{stage}/loss", loss, batch_size=len(y), sync_dist=on_epoch)
+        self.log(f"{stage}/error", error, prog_bar=True, batch_size=len(y), sync_dist=on_epoch)
+        return loss
+
+    def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: list[Tensor], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: list[Tensor], batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def configure_optimizers(self):
+        return _optimizer(self, self._transformer())
+
+
+class ClassificationTask(_Supervised):
     """Train an :class:`~stnreg.paper.models.STClassifier`; logs ``val/error`` and ``test/error`` in %.
 
     Args: the classifier's (see :class:`STClassifier`), and
@@ -102,27 +132,8 @@ class ClassificationTask(L.LightningModule):
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
 
-    def _step(self, batch: list[Tensor], stage: str) -> Tensor:
-        x, y = batch[0].float() / 255.0, batch[1]
-        logits = self(x)
-        loss = F.cross_entropy(logits, y)
-        error = 100.0 * (logits.argmax(1) != y).float().mean()
-        on_bar = stage != "train"
-        self.log(f"{stage}/loss", loss, prog_bar=False, batch_size=len(y), sync_dist=on_bar)
-        self.log(f"{stage}/error", error, prog_bar=True, batch_size=len(y), sync_dist=on_bar)
-        return loss
-
-    def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: list[Tensor], batch_idx: int) -> None:
-        self._step(batch, "val")
-
-    def test_step(self, batch: list[Tensor], batch_idx: int) -> None:
-        self._step(batch, "test")
-
-    def configure_optimizers(self):
-        return _optimizer(self, self.model.transformer)
+    def _transformer(self) -> torch.nn.Module | None:
+        return self.model.transformer
 
 
 def box_iou(a: Tensor, b: Tensor) -> Tensor:
@@ -191,7 +202,7 @@ class CoLocalizationTask(L.LightningModule):
         return _optimizer(self, self.model.transformer)
 
 
-class SVHNTask(L.LightningModule):
+class SVHNTask(_Supervised):
     """Multi-digit SVHN with :class:`~stnreg.paper.models.SVHNNet`: summed cross-entropy over the five
     positions; ``val/error`` is the % of numbers with any position wrong (the paper's sequence error)."""
 
@@ -218,29 +229,15 @@ class SVHNTask(L.LightningModule):
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
 
-    def _step(self, batch: list[Tensor], stage: str) -> Tensor:
-        x, y = batch[0].float() / 255.0, batch[1]
-        logits = self(x)
+    def _loss_and_error(self, logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         loss = F.cross_entropy(logits.reshape(-1, 11), y.reshape(-1)) * y.shape[1]
-        error = 100.0 * (logits.argmax(-1) != y).any(1).float().mean()
-        self.log(f"{stage}/loss", loss, batch_size=len(y), sync_dist=stage != "train")
-        self.log(f"{stage}/error", error, prog_bar=True, batch_size=len(y), sync_dist=stage != "train")
-        return loss
+        return loss, 100.0 * (logits.argmax(-1) != y).any(1).float().mean()
 
-    def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: list[Tensor], batch_idx: int) -> None:
-        self._step(batch, "val")
-
-    def test_step(self, batch: list[Tensor], batch_idx: int) -> None:
-        self._step(batch, "test")
-
-    def configure_optimizers(self):
-        return _optimizer(self, self.model.transformers)
+    def _transformer(self) -> torch.nn.Module | None:
+        return self.model.transformers
 
 
-class CUBTask(L.LightningModule):
+class CUBTask(_Supervised):
     """CUB-200 with :class:`~stnreg.paper.models.PartAttentionNet`; ``val/error`` in %."""
 
     def __init__(
@@ -265,23 +262,5 @@ class CUBTask(L.LightningModule):
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
 
-    def _step(self, batch: list[Tensor], stage: str) -> Tensor:
-        x, y = batch[0].float() / 255.0, batch[1]
-        logits = self(x)
-        loss = F.cross_entropy(logits, y)
-        self.log(f"{stage}/loss", loss, batch_size=len(y), sync_dist=stage != "train")
-        error = 100.0 * (logits.argmax(1) != y).float().mean()
-        self.log(f"{stage}/error", error, prog_bar=True, batch_size=len(y), sync_dist=stage != "train")
-        return loss
-
-    def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: list[Tensor], batch_idx: int) -> None:
-        self._step(batch, "val")
-
-    def test_step(self, batch: list[Tensor], batch_idx: int) -> None:
-        self._step(batch, "test")
-
-    def configure_optimizers(self):
-        return _optimizer(self, self.model.transformers)
+    def _transformer(self) -> torch.nn.Module | None:
+        return self.model.transformers
