@@ -13,8 +13,8 @@ Cases (data from ``--data``, default ``../shared/data``):
   held-out test cases; gland Dice and HD95 (mm).
 
 Methods, scored by one code path (``benchmarks/pairwise.py``'s ``score``: Dice, HD95, % folding,
-SDlogJ, NCC): ``network`` (one forward pass), ``network+refine`` (``--refine`` steps of instance
-optimization from the prediction), ``stnreg instance`` (:func:`stnreg.register`, the same
+SDlogJ, NCC): ``network`` (one forward pass), ``network+refine`` (``--refine`` iterations of stnreg's
+instance optimization, an SVF composed after the prediction), ``stnreg instance`` (:func:`stnreg.register`, the same
 transform family, from scratch) and ``ANTs SyN`` (antspyx defaults; skipped when not installed).
 Times are the registration call on one thread: stnreg's own ``timings["total_s"]`` (loading and
 resampling included, metrics excluded), ANTs' wall time. Training time and peak memory (RSS growth)

@@ -42,7 +42,7 @@ from .transforms import FAMILIES
 from .transforms.base import Composite, ParametricTransform, Transform
 from .transforms.bspline import BSpline
 from .transforms.dense import Displacement, StationaryVelocity
-from .transforms.matrix import Affine, MatrixTransform
+from .transforms.matrix import Affine, MatrixTransform, Projective
 from .transforms.tps import ThinPlateSpline
 from .warp import apply, warp
 
@@ -353,6 +353,8 @@ def register_many(
     dice_weight: float = 0.0,
     fixed_mask: Any = None,
     init: str = "com",
+    initial_matrix: Tensor | None = None,
+    initial_deformable: Transform | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
     seed: int = 0,
@@ -372,6 +374,10 @@ def register_many(
         dice_weight: weight of a Dice loss on the labels (labels present in every pair).
         fixed_mask: optional mask on the fixed grid restricting the similarity.
         init: ``"com"`` (centres of mass), ``"moments"`` (principal axes too) or ``"none"``.
+        initial_matrix: a starting world map instead of ``init``, homogeneous ``(1 or N, d+1, d+1)``
+            fixed -> moving (e.g. a network's prediction, refined here).
+        initial_deformable: a world-space deformable map ``D`` kept fixed, with only deformable
+            stages allowed: ``T = M ∘ D ∘ φ``, and the result's deformable part is ``D ∘ φ``.
         device: ``"cpu"``, ``"cuda"``...; defaults to CUDA when available.
         progress: show a progress bar over stages, levels and iterations.
     """
@@ -417,7 +423,17 @@ def register_many(
     inits = [_initial_matrix(f_int[i : i + 1].cpu(), fgrid, m_int[i : i + 1].cpu(), mgrid, init) for i in range(n)]
     m0 = torch.stack([x[0] for x in inits])
     center = torch.stack([x[1] for x in inits]).mean(0)
-    prefix: Transform = Affine.from_matrix(m0.float()).to(dev)
+    d = fgrid.ndim
+    if initial_matrix is not None:
+        m0 = torch.as_tensor(initial_matrix, dtype=torch.float64).cpu()
+        if m0.shape[-2:] != (d + 1, d + 1) or m0.shape[0] not in (1, n):
+            raise ValueError(f"initial_matrix must be (1 or {n}, {d + 1}, {d + 1}), got {tuple(m0.shape)}")
+        m0 = m0.expand(n, d + 1, d + 1)
+    if initial_deformable is not None and any(s.family in MATRIX for s in stages):
+        raise ValueError("with initial_deformable only deformable stages can follow (T = M ∘ D ∘ φ)")
+    projective = bool((m0[:, d, :d].abs() > 1e-12).any())
+    prefix: Transform = (Projective if projective else Affine).from_matrix(m0.float()).to(dev)
+    fixed_part = None if initial_deformable is None else initial_deformable.to(dev)
     matrix_total = prefix
     deformable: Transform | None = None
     history: list[dict[str, Any]] = []
@@ -464,7 +480,7 @@ def register_many(
                 params = _params_from_raw(raw, scale, init_params, family, stage)
                 current = family.with_params(params)
                 # Matrix after matrix folds into one matrix (the fused fast path); a field composes.
-                mapping = prefix.compose(current)
+                mapping = (prefix if fixed_part is None else prefix.compose(fixed_part)).compose(current)
                 if fused and isinstance(mapping, MatrixTransform) and not mapping.projective:
                     theta = mapping.affine_theta(fgrid_l, mgrid_l)
                     total = fused_affine_loss(m_l, f_l, theta, loss, "border")
@@ -509,7 +525,7 @@ def register_many(
         "bins": bins if loss == "mi" else None,
         "regularization": regularization,
         "dice_weight": dice_weight,
-        "init": init,
+        "init": "given initial transform" if initial_matrix is not None else init,
         "device": str(dev),
         "seed": seed,
         "batch_size": n,
@@ -520,6 +536,9 @@ def register_many(
     for i in range(n):
         mat = _item(matrix_total, i).cpu()
         deform = None if deformable is None else _item(deformable, i).cpu()
+        if fixed_part is not None:
+            kept = _item(fixed_part, i if fixed_part.batch_size > 1 else 0).cpu()
+            deform = kept if deform is None else Composite([kept, deform])
         full: Transform = mat if deform is None else Composite([mat, deform])
         with torch.no_grad():
             warped = apply(full, mov_imgs[i], fix_imgs[i])

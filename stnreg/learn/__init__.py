@@ -6,7 +6,7 @@ LightningDataModule) -> ``infer`` (world-space registration with a checkpoint, r
 """
 
 from .data import PairDataModule, PairDataset, load_collection, load_paired, normalize_intensity
-from .infer import refine, register_with_model
+from .infer import register_with_model
 from .model import RegistrationNet, RegistrationOutput
 from .task import RegistrationTask, load_task
 
@@ -20,6 +20,5 @@ __all__ = [
     "load_paired",
     "load_task",
     "normalize_intensity",
-    "refine",
     "register_with_model",
 ]

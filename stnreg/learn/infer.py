@@ -1,8 +1,10 @@
 """Amortized registration with a trained network, optionally refined by instance optimization.
 
-``register_with_model(task, moving, fixed, refine=N)``: one forward pass predicts the transform;
-``N`` Adam steps on the predicted parameters (the network's own training objective) then refine
-it for this pair. The network's weights never change: refinement optimizes copies of its outputs.
+``register_with_model(task, moving, fixed, refine_steps=N)``: one forward pass predicts the
+transform; ``N`` iterations of :func:`stnreg.register`'s instance optimization then refine it for
+this pair: a stationary velocity field ``φ`` composed after the prediction, ``T = M ∘ D ∘ φ``,
+optimized with the network's similarity on a two-level pyramid, with register's preconditioning and
+regularization. The network's weights never change (they are not part of that optimization).
 
 World coordinates: the fixed image is resampled to the network's training size over its own field
 of view, and the moving image onto that same grid through the identity world map (the two images
@@ -21,7 +23,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
 from ..image import Image
 from ..transforms.base import Composite, Transform
@@ -29,47 +30,9 @@ from ..transforms.dense import Displacement
 from ..transforms.matrix import Affine, MatrixTransform, Projective
 from ..warp import apply
 from .data import _resize, normalize_intensity
-from .model import DENSE, RegistrationOutput
 from .task import RegistrationTask, load_task
 
-__all__ = ["refine", "register_with_model"]
-
-
-def refine(
-    task: RegistrationTask,
-    raws: list[Tensor],
-    moving: Tensor,
-    fixed: Tensor,
-    steps: int,
-    lr: float = 1.0,
-    progress: bool = False,
-) -> list[Tensor]:
-    """``steps`` Adam steps on copies of the network's raw outputs, minimizing its training objective.
-
-    Args:
-        raws: per-stage raw outputs (see :class:`~stnreg.learn.model.RegistrationOutput`).
-        moving, fixed: network inputs ``(N, C, *spatial)`` in ``[0, 1]``.
-        lr: multiplies the per-kind step sizes: 0.2 voxels for dense fields (as :func:`stnreg.register`),
-            1e-3 for matrix and control-point parameters (normalized units).
-    Returns:
-        The refined raw outputs (detached).
-    """
-    shape = tuple(fixed.shape[2:])
-    params = [r.detach().clone().requires_grad_(True) for r in raws]
-    groups = [
-        {"params": [p], "lr": lr * (0.2 if family in DENSE else 1e-3)}
-        for p, family in zip(params, task.net.stages, strict=True)
-    ]
-    opt = torch.optim.Adam(groups)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps), eta_min=0.0)
-    for _ in tqdm(range(steps), desc="refine", unit="it", disable=not progress or None, leave=False):
-        opt.zero_grad(set_to_none=True)
-        total, stages = task.net.compose(params, shape)
-        out = RegistrationOutput(total, stages, params, task.net.warp(moving, total))
-        task.objective(out, moving, fixed)["loss"].backward()
-        opt.step()
-        sched.step()
-    return [p.detach() for p in params]
+__all__ = ["register_with_model"]
 
 
 def _world(stages: list, net_to_world: Tensor, fixed: Image) -> tuple[MatrixTransform | None, Displacement | None]:
@@ -109,7 +72,6 @@ def register_with_model(
     refine_steps: int = 0,
     *,
     labels: tuple[Any, Any] | None = None,
-    refine_lr: float = 1.0,
     device: str | torch.device | None = None,
     progress: bool = True,
 ):
@@ -118,9 +80,8 @@ def register_with_model(
     Args:
         model: a :class:`RegistrationTask` or the path of its Lightning checkpoint.
         moving, fixed: paths, :class:`~stnreg.image.Image` objects or arrays (as :func:`stnreg.register`).
-        refine_steps: Adam steps of instance optimization from the prediction (0: network only).
+        refine_steps: iterations of instance optimization from the prediction (0: network only).
         labels: ``(moving_labels, fixed_labels)`` for Dice/HD95 in the metrics.
-        refine_lr: scales the refinement step sizes (see :func:`refine`).
         device: ``"cpu"``, ``"cuda"``...; defaults to CUDA when available.
 
     Returns:
@@ -153,28 +114,49 @@ def register_with_model(
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     t_inf = time.perf_counter()
-    raws = out.raw
-    if refine_steps:
-        raws = refine(task, raws, m_in, f_in, refine_steps, refine_lr, progress)
-    t_ref = time.perf_counter()
     with torch.no_grad():
-        _, stages = task.net.compose(raws, shape)
+        _, stages = task.net.compose(out.raw, shape)
     matrix, deformable = _world(stages, net_grid.normalized_to_world(), fix)
-    parts = [t for t in (matrix, deformable) if t is not None]
-    full: Transform = parts[0] if len(parts) == 1 else Composite(parts)
-    with torch.no_grad():
-        warped = apply(full, mov, fix)
+    t_world = time.perf_counter()
     settings = {
         "model": str(model) if not isinstance(model, RegistrationTask) else "in-memory RegistrationTask",
-        "transform": "+".join(task.net.stages)
-        + (f" (network, {refine_steps} refinement steps)" if refine_steps else " (network)"),
+        "transform": "+".join(task.net.stages) + " (network)",
         "loss": h.similarity,
         "network": task.net.config,
         "input_shape": list(shape),
         "refine_steps": refine_steps,
-        "refine_lr": refine_lr,
         "device": str(dev),
     }
+    if refine_steps:
+        from ..register import Stage, register_many
+
+        coarse = max(1, refine_steps // 2)
+        stage = Stage("svf", shrink=(2, 1), iterations=(coarse, max(1, refine_steps - coarse)))
+        result = register_many(
+            [mov],
+            [fix],
+            [stage],
+            h.similarity,
+            window=h.window,
+            labels=None if labels is None else [labels],
+            initial_matrix=None if matrix is None else matrix.matrix().detach(),
+            initial_deformable=deformable,
+            device=dev,
+            progress=progress,
+        )[0]
+        settings["transform"] += f" + svf refinement ({refine_steps} iterations)"
+        result.settings = settings | {"refinement": result.settings}
+        result.timings = {
+            "load_s": t_load - t0,
+            "inference_s": t_inf - t_load,
+            "refine_s": time.perf_counter() - t_world,
+            "total_s": time.perf_counter() - t0,
+        }
+        return result
+    parts = [t for t in (matrix, deformable) if t is not None]
+    full: Transform = parts[0] if len(parts) == 1 else Composite(parts)
+    with torch.no_grad():
+        warped = apply(full, mov, fix)
     result = RegistrationResult(
         warped=Image(warped.data, fix.grid, "warped"),
         transform=full,
@@ -186,7 +168,7 @@ def register_with_model(
         timings={
             "load_s": t_load - t0,
             "inference_s": t_inf - t_load,
-            "refine_s": t_ref - t_inf,
+            "refine_s": 0.0,
             "total_s": time.perf_counter() - t0,
         },
     )
