@@ -376,8 +376,9 @@ def register_many(
         init: ``"com"`` (centres of mass), ``"moments"`` (principal axes too) or ``"none"``.
         initial_matrix: a starting world map instead of ``init``, homogeneous ``(1 or N, d+1, d+1)``
             fixed -> moving (e.g. a network's prediction, refined here).
-        initial_deformable: a world-space deformable map ``D`` kept fixed, with only deformable
-            stages allowed: ``T = M ∘ D ∘ φ``, and the result's deformable part is ``D ∘ φ``.
+        initial_deformable: a world-space deformable map ``D`` kept fixed between the matrix part
+            and the deformable stage: ``T = (M ∘ A) ∘ D ∘ φ`` with ``A`` the matrix stages; the
+            result's deformable part is ``D ∘ φ``.
         device: ``"cpu"``, ``"cuda"``...; defaults to CUDA when available.
         progress: show a progress bar over stages, levels and iterations.
     """
@@ -429,8 +430,6 @@ def register_many(
         if m0.shape[-2:] != (d + 1, d + 1) or m0.shape[0] not in (1, n):
             raise ValueError(f"initial_matrix must be (1 or {n}, {d + 1}, {d + 1}), got {tuple(m0.shape)}")
         m0 = m0.expand(n, d + 1, d + 1)
-    if initial_deformable is not None and any(s.family in MATRIX for s in stages):
-        raise ValueError("with initial_deformable only deformable stages can follow (T = M ∘ D ∘ φ)")
     projective = bool((m0[:, d, :d].abs() > 1e-12).any())
     prefix: Transform = (Projective if projective else Affine).from_matrix(m0.float()).to(dev)
     fixed_part = None if initial_deformable is None else initial_deformable.to(dev)
@@ -480,7 +479,11 @@ def register_many(
                 params = _params_from_raw(raw, scale, init_params, family, stage)
                 current = family.with_params(params)
                 # Matrix after matrix folds into one matrix (the fused fast path); a field composes.
-                mapping = (prefix if fixed_part is None else prefix.compose(fixed_part)).compose(current)
+                if stage.family in MATRIX:
+                    mapping = prefix.compose(current)
+                    mapping = mapping if fixed_part is None else mapping.compose(fixed_part)
+                else:
+                    mapping = (prefix if fixed_part is None else prefix.compose(fixed_part)).compose(current)
                 if fused and isinstance(mapping, MatrixTransform) and not mapping.projective:
                     theta = mapping.affine_theta(fgrid_l, mgrid_l)
                     total = fused_affine_loss(m_l, f_l, theta, loss, "border")

@@ -1,10 +1,11 @@
 """Amortized registration with a trained network, optionally refined by instance optimization.
 
 ``register_with_model(task, moving, fixed, refine_steps=N)``: one forward pass predicts the
-transform; ``N`` iterations of :func:`stnreg.register`'s instance optimization then refine it for
-this pair: a stationary velocity field ``φ`` composed after the prediction, ``T = M ∘ D ∘ φ``,
-optimized with the network's similarity on a two-level pyramid, with register's preconditioning and
-regularization. The network's weights never change (they are not part of that optimization).
+transform; :func:`stnreg.register`'s instance optimization then refines it for this pair, ``N``
+iterations per stage on a two-level pyramid, with the network's similarity and register's
+preconditioning and regularization: an affine correction ``A`` (when the network has a matrix
+stage) and a stationary velocity field ``φ``, ``T = (M ∘ A) ∘ D ∘ φ`` for the prediction ``M ∘ D``.
+The network's weights never change (they are not part of that optimization).
 
 World coordinates: the fixed image is resampled to the network's training size over its own field
 of view, and the moving image onto that same grid through the identity world map (the two images
@@ -80,7 +81,7 @@ def register_with_model(
     Args:
         model: a :class:`RegistrationTask` or the path of its Lightning checkpoint.
         moving, fixed: paths, :class:`~stnreg.image.Image` objects or arrays (as :func:`stnreg.register`).
-        refine_steps: iterations of instance optimization from the prediction (0: network only).
+        refine_steps: iterations per refinement stage (0: network only).
         labels: ``(moving_labels, fixed_labels)`` for Dice/HD95 in the metrics.
         device: ``"cpu"``, ``"cuda"``...; defaults to CUDA when available.
 
@@ -130,12 +131,12 @@ def register_with_model(
     if refine_steps:
         from ..register import Stage, register_many
 
-        coarse = max(1, refine_steps // 2)
-        stage = Stage("svf", shrink=(2, 1), iterations=(coarse, max(1, refine_steps - coarse)))
+        levels = {"shrink": (2, 1), "iterations": (max(1, refine_steps // 2), max(1, refine_steps - refine_steps // 2))}
+        refine_stages = [Stage(f, **levels) for f in (("affine", "svf") if matrix is not None else ("svf",))]
         result = register_many(
             [mov],
             [fix],
-            [stage],
+            refine_stages,
             h.similarity,
             window=h.window,
             labels=None if labels is None else [labels],
@@ -144,7 +145,9 @@ def register_with_model(
             device=dev,
             progress=progress,
         )[0]
-        settings["transform"] += f" + svf refinement ({refine_steps} iterations)"
+        settings["transform"] += (
+            f" + {'+'.join(x.family for x in refine_stages)} refinement ({refine_steps} iterations)"
+        )
         result.settings = settings | {"refinement": result.settings}
         result.timings = {
             "load_s": t_load - t0,
