@@ -240,7 +240,7 @@ def main() -> None:
         os.environ.setdefault("STNREG_DATA", str(ROOT.parent / "shared" / "data"))
     torch.set_num_threads(args.threads)
     store_path = RESULTS / f"{args.out}.json"
-    store = json.loads(store_path.read_text()) if store_path.exists() else {}
+    store: dict = {}
     for exp in args.experiment.split(","):
         if exp not in CONFIGS:
             raise SystemExit(f"unknown experiment {exp!r}; choose from {', '.join(CONFIGS)}")
@@ -253,13 +253,17 @@ def main() -> None:
             print(f"== {exp} / {row}: {args.epochs} epochs", flush=True)
             res = run_colocalization(exp, args) if exp.startswith("coloc") else run_classification(exp, row, args)
             res |= {"epochs": args.epochs, "threads": args.threads, "seed": args.seed, "torch": torch.__version__}
+            # Re-read before writing: several runs may fill the same table side by side.
+            store = json.loads(store_path.read_text()) if store_path.exists() else {}
             store[f"{exp}|{row}"] = res
             RESULTS.mkdir(parents=True, exist_ok=True)
-            store_path.write_text(json.dumps(store, indent=1))
+            tmp = store_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(store, indent=1))
+            tmp.replace(store_path)
             (RESULTS / f"{args.out}.md").write_text(render(store))
             shown = {k: v for k, v in res.items() if k != "per_digit"}
             print(f"   {shown}  paper: {PAPER.get((exp, row))}", flush=True)
-    print(render(store))
+    print(render(json.loads(store_path.read_text()) if store_path.exists() else store))
 
 
 if __name__ == "__main__":
