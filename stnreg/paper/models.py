@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nets.stn import MultiSpatialTransformer, SpatialTransformer
+from ..sampler import sample
 from ..transforms import Affine, Attention, Projective, ThinPlateSpline, uniform_control_points
 
 __all__ = [
@@ -158,14 +159,19 @@ class STClassifier(nn.Module):
 
 
 class CoLocalizer(nn.Module):
-    """Attention transformer that crops a digit-sized window, and an encoder embedding the crop.
+    """Attention transformer that crops a window, and an encoder embedding the crop.
 
-    The head starts at a centred window of ``init_scale`` of the input (the digit's size relative
-    to the canvas), so the window is a digit-sized crop from the first step.
+    The head predicts ``(s, t)`` of the attention transform ``x -> s x + t`` (normalized input
+    coordinates); the window is kept inside the input by reading the translation through
+    ``t = (1 - s) tanh(t_raw)``. The scale is fixed at ``crop / size`` (a digit-sized window) unless
+    ``learn_scale``, then ``s = clamp(|s_raw|, 0.05, 1)``. Both constraints remove trivial optima
+    of the triplet loss measured here: windows off the image (only zero padding) or tiny windows
+    (uniform crops) embed alike whatever the image. The head starts at a centred window.
 
     Args:
         size: canvas size (84); crop: the window's output size (28).
         embedding: encoder output features.
+        learn_scale: learn the window's scale too.
     """
 
     def __init__(
@@ -175,8 +181,10 @@ class CoLocalizer(nn.Module):
         embedding: int = 32,
         loc_channels: Sequence[int] = (20, 20),
         enc_channels: Sequence[int] = (32, 32),
+        learn_scale: bool = False,
     ) -> None:
         super().__init__()
+        self.learn_scale = learn_scale
         body = make_cnn(1, loc_channels, [5] * len(loc_channels))
         loc = nn.Sequential(body, nn.Flatten(), nn.Linear(_flat_size(body, (1, size, size)), 50), nn.ReLU())
         self.transformer = SpatialTransformer(loc, Attention(2), 50, output_size=(crop, crop))
@@ -186,15 +194,26 @@ class CoLocalizer(nn.Module):
         self.encoder = nn.Sequential(enc, nn.Flatten(), nn.Linear(_flat_size(enc, (1, crop, crop)), embedding))
         self.size, self.crop = size, crop
 
+    def attention(self, x: Tensor) -> Tensor:
+        """Bounded attention parameters ``(N, 3)`` = ``s, t_x, t_y`` for inputs ``(N, 1, H, W)``."""
+        raw = self.transformer.predict(x).params
+        if self.learn_scale:
+            s = raw[:, :1].abs().clamp(0.05, 1.0)
+        else:
+            s = torch.full_like(raw[:, :1], self.crop / self.size)
+        return torch.cat([s, (1 - s) * torch.tanh(raw[:, 1:])], 1)
+
     def window(self, x: Tensor) -> Tensor:
         """Predicted sampling windows ``(N, 4)`` = ``x0, y0, x1, y1`` in input pixels."""
-        p = self.transformer.predict(x).params
-        s, t = p[:, :1].abs(), p[:, 1:]
-        lo, hi = (t - s + 1) * self.size / 2, (t + s + 1) * self.size / 2
-        return torch.cat([lo, hi], 1)
+        p = self.attention(x)
+        s, t = p[:, :1], p[:, 1:]
+        return torch.cat([(t - s + 1) * self.size / 2, (t + s + 1) * self.size / 2], 1)
 
     def crops(self, x: Tensor) -> Tensor:
-        return self.transformer(x)
+        """The attended windows ``(N, 1, crop, crop)``."""
+        att = Attention(2).with_params(self.attention(x))
+        coords = att.sampling_grid((self.crop, self.crop)).to(x.dtype)
+        return sample(x, coords, "linear", "zeros")
 
     def forward(self, x: Tensor) -> Tensor:
         """Embeddings ``(N, embedding)`` of the attended crops."""
