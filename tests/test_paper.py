@@ -310,3 +310,42 @@ def test_cub_loader_and_models(tmp_path):
     (tmp_path / "train_test_split.txt").unlink()
     with pytest.raises(ValueError, match="train_test_split"):
         CUBDataset(tmp_path)
+
+
+def test_figure_script_from_checkpoint(tmp_path):
+    from stnreg.paper.figures import main as figure_main
+
+    x, y = _digits(64)
+    np.savez(tmp_path / "m.npz", x_train=x, y_train=y, x_test=x[:16], y_test=y[:16])
+    dm = MNISTVariants("RTS", str(tmp_path / "m.npz"), batch_size=16)
+    task = ClassificationTask("st-cnn", [1, 42, 42], st_pool=2, optimizer="adam", lr=1e-3)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    trainer.fit(task, dm)
+    trainer.save_checkpoint(tmp_path / "st.ckpt")
+    out = tmp_path / "fig.png"
+    assert (
+        figure_main(
+            [
+                str(tmp_path / "st.ckpt"),
+                "--experiment",
+                "RTS",
+                "--data",
+                str(tmp_path / "m.npz"),
+                "-n",
+                "4",
+                "-o",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert out.exists()
