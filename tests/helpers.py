@@ -12,3 +12,18 @@ def smooth_image(shape, seed=0, dtype=torch.float64, sigma=2.5):
     img = gaussian_blur(noise, torch.full((1, len(shape)), float(sigma), dtype=torch.float64))
     img = (img - img.min()) / (img.max() - img.min())
     return img.to(dtype)
+
+
+def quiet_trainer(**kwargs):
+    """A CPU Lightning Trainer without logger, checkpoints, progress bar or sanity validation."""
+    import lightning as L
+
+    opts = {
+        "accelerator": "cpu",
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+    }
+    return L.Trainer(**(opts | kwargs))

@@ -10,7 +10,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from helpers import smooth_image
+from helpers import quiet_trainer, smooth_image
 
 from stnreg import Grid, Image
 from stnreg.cli import main
@@ -81,16 +81,8 @@ def _tiny_task(**kw) -> RegistrationTask:
 
 
 def _trainer(tmp_path: Path, steps: int) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu",
-        max_steps=steps,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
+    # Checkpointing stays on: the training test saves and restores one.
+    return quiet_trainer(max_steps=steps, enable_checkpointing=True, default_root_dir=tmp_path, limit_val_batches=0)
 
 
 def test_training_learns_and_checkpoint_restores(tmp_path):

@@ -8,6 +8,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from helpers import quiet_trainer
 
 from stnreg.cli import main
 from stnreg.paper import (
@@ -156,15 +157,7 @@ def test_st_cnn_learns_rts_quickly(data_dir):
     dm = MNISTVariants("RTS", str(data_dir / "mnist" / "mnist.npz"), train_size=4000, test_size=1000, batch_size=64)
     L.seed_everything(0)
     task = ClassificationTask("st-cnn", [1, 42, 42], st_pool=2, optimizer="adam", lr=2e-3)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=3,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
+    trainer = quiet_trainer(max_epochs=3)
     trainer.fit(task, dm)
     error = float(trainer.validate(task, dm, verbose=False)[0]["val/error"])
     assert error < 40.0
@@ -177,15 +170,7 @@ def test_colocalization_trains_and_scores(tmp_path):
     )
     dm = MNISTVariants("coloc-T", str(tmp_path / "m.npz"), digit=0, batch_size=16)
     task = CoLocalizationTask()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=3,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
+    trainer = quiet_trainer(max_steps=3)
     trainer.fit(task, dm)
     acc = float(trainer.validate(task, dm, verbose=False)[0]["val/accuracy"])
     # The windows the score uses are the ones the figure draws.
@@ -319,16 +304,7 @@ def test_figure_script_from_checkpoint(tmp_path):
     np.savez(tmp_path / "m.npz", x_train=x, y_train=y, x_test=x[:16], y_test=y[:16])
     dm = MNISTVariants("RTS", str(tmp_path / "m.npz"), batch_size=16)
     task = ClassificationTask("st-cnn", [1, 42, 42], st_pool=2, optimizer="adam", lr=1e-3)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
+    trainer = quiet_trainer(max_steps=1, limit_val_batches=0)
     trainer.fit(task, dm)
     trainer.save_checkpoint(tmp_path / "st.ckpt")
     out = tmp_path / "fig.png"
