@@ -15,6 +15,7 @@ from torch import Tensor
 
 from ._checks import check_batch, check_image
 from .coords import normalized_to_index
+from .fast import fast_available, fast_sample
 
 __all__ = ["MODES", "PADDINGS", "gaussian_blur", "local_scale", "sample"]
 
@@ -163,6 +164,10 @@ def sample(
             scale = local_scale(coords, tuple(image.shape[2:]))
             sigma = 0.5 * (scale.square() - 1.0).clamp_min(0.0).sqrt()
             image = gaussian_blur(image, sigma, padding)
+        if ndim == 3 and coords.device.type == "cpu" and fast_available(image, padding):
+            # Numba trilinear kernels, the same numbers as grid_sample (stnreg.fast); in 2D
+            # grid_sample's own vectorized kernel measured faster.
+            return fast_sample(image, coords, padding)
         return F.grid_sample(image, coords, "bilinear", padding, align_corners=False)
     if mode == "label":
         return _label_sample(image, coords, padding)

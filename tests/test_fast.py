@@ -93,3 +93,70 @@ def test_fused_similarity_rejects_what_it_cannot_do():
         fused_affine_loss(torch.rand(1, 1, 4, 4), torch.rand(1, 1, 4, 4), theta)
     with pytest.raises(ValueError, match="fused losses"):
         fused_affine_loss(torch.rand(1, 1, 4, 4, 4), torch.rand(1, 1, 4, 4, 4), theta, "lncc")
+
+
+def _coords(shape, out, g, dtype=torch.float32):
+    """Smoothly perturbed lattice coordinates reaching a little outside the image."""
+    base = stnreg.lattice(out, dtype=dtype).unsqueeze(0) * 1.1
+    return (base + 0.1 * torch.randn(shape[0], *out, 3, generator=g, dtype=dtype)).contiguous()
+
+
+@pytest.mark.parametrize("padding", ["zeros", "border"])
+@pytest.mark.parametrize("channels", [1, 2])
+@pytest.mark.parametrize("image_grad", [False, True])
+def test_fast_sample_matches_grid_sample(padding, channels, image_grad):
+    from stnreg.fast import fast_sample
+
+    g = torch.Generator().manual_seed(3)
+    image = torch.rand(2, channels, 10, 12, 14, generator=g).requires_grad_(image_grad)
+    coords = _coords(image.shape, (9, 11, 13), g).requires_grad_()
+    ours = fast_sample(image, coords, padding)
+    ref = F.grid_sample(image, coords, padding_mode=padding, align_corners=False)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    go = torch.randn(ours.shape, generator=g)
+    inputs = (image, coords) if image_grad else (coords,)
+    for a, b in zip(torch.autograd.grad(ours, inputs, go), torch.autograd.grad(ref, inputs, go), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("padding", ["zeros", "border"])
+def test_fast_sample_gradcheck_float64(padding):
+    from stnreg.fast import fast_sample
+
+    g = torch.Generator().manual_seed(4)
+    image = torch.rand(1, 1, 5, 6, 7, dtype=torch.float64, generator=g).requires_grad_()
+    # Away from the kinks of linear interpolation (integer positions), where finite differences fail.
+    coords = (_coords(image.shape, (4, 5, 6), g, torch.float64) * 0.9 + 0.013).requires_grad_()
+    assert torch.autograd.gradcheck(lambda i, c: fast_sample(i, c, padding), (image, coords))
+
+
+def test_sample_uses_the_fast_path_for_3d_and_is_deterministic(monkeypatch):
+    g = torch.Generator().manual_seed(5)
+    image = torch.rand(1, 1, 16, 18, 20, generator=g)
+    coords = _coords(image.shape, (16, 18, 20), g)
+    results = []
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            c = coords.clone().requires_grad_()
+            out = stnreg.sample(image, c)
+            results.append((out, torch.autograd.grad(out.square().sum(), c)[0]))
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    monkeypatch.setenv("STNREG_FAST", "0")
+    torch.testing.assert_close(stnreg.sample(image, coords), results[0][0], atol=1e-5, rtol=1e-5)
+
+
+def test_fast_paths_reject_non_finite_input():
+    from stnreg.fast import fast_sample, fused_affine_warp
+
+    coords = stnreg.lattice((4, 4, 4)).unsqueeze(0).clone()
+    coords[0, 1, 2, 3, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        fast_sample(torch.rand(1, 1, 4, 4, 4), coords)
+    theta = torch.eye(3, 4).unsqueeze(0).clone()
+    theta[0, 0, 3] = float("inf")
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        fused_affine_warp(torch.rand(1, 1, 4, 4, 4), theta, (4, 4, 4))

@@ -9,7 +9,6 @@ The two agree to float32 rounding (see ``tests/test_fast.py``).
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 
@@ -18,7 +17,7 @@ from torch import Tensor
 
 from .._checks import check_batch
 
-__all__ = ["fast_available", "fused_affine_loss", "fused_affine_warp"]
+__all__ = ["fast_available", "fast_sample", "fused_affine_loss", "fused_affine_warp"]
 
 _NOTICE_GIVEN = False
 _KERNELS = None
@@ -34,9 +33,11 @@ def _kernels():
             if "NUMBA_THREADING_LAYER" not in os.environ:
                 # A pool that sleeps between calls: OpenMP's spinning workers slowed everything else.
                 numba.config.THREADING_LAYER = "workqueue"
-            from . import affine_cpu
+            from . import affine_cpu, field_cpu
 
-            _KERNELS = affine_cpu
+            _KERNELS = {**affine_cpu.KERNELS, **field_cpu.KERNELS, "field3d_grad_image": field_cpu.grad_image}
+            _KERNELS["affine2d_grad_image"] = affine_cpu.affine2d_grad_image
+            _KERNELS["affine3d_grad_image"] = affine_cpu.affine3d_grad_image
         except Exception as err:  # numba missing, or an unsupported platform
             _KERNELS = False
             if not _NOTICE_GIVEN:
@@ -58,15 +59,25 @@ def fast_available(image: Tensor, padding: str) -> bool:
 
 
 def _kernel(name: str):
-    """The parallel kernel for several torch threads, its serial twin for one."""
+    """The threaded kernel for several torch threads, its serial twin for one."""
     import numba
 
-    k = _kernels()
+    threaded, serial = _kernels()[name]
     threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
     if threads == 1:
-        return k.SERIAL[name]
+        return serial
     numba.set_num_threads(threads)
-    return getattr(k, name)
+    return threaded
+
+
+def _flat(img: Tensor) -> Tensor:
+    """``(N, C, D, H, W)`` -> ``(N, C, D*H*W)`` (a view of a contiguous tensor), the 3D kernels' layout."""
+    return img.reshape(*img.shape[:2], -1)
+
+
+def _check_finite(theta: Tensor) -> None:
+    if not bool(torch.isfinite(theta).all()):
+        raise ValueError("transform parameters contain NaN or infinity")
 
 
 class _FusedAffine(torch.autograd.Function):
@@ -74,9 +85,13 @@ class _FusedAffine(torch.autograd.Function):
     def forward(ctx, image: Tensor, theta: Tensor, out_shape: tuple[int, ...], border: bool) -> Tensor:
         img = image.detach().contiguous()
         th = theta.detach().to(torch.float64).contiguous()
+        _check_finite(th)
         out = torch.empty((image.shape[0], image.shape[1], *out_shape), dtype=image.dtype)
-        fwd = _kernel("affine2d_forward" if len(out_shape) == 2 else "affine3d_forward")
-        fwd(img.numpy(), th.numpy(), out.numpy(), border)
+        if len(out_shape) == 2:
+            _kernel("affine2d_forward")(img.numpy(), th.numpy(), out.numpy(), border)
+        else:
+            fn = _kernel("affine3d_forward")
+            fn(out.shape[0], out.shape[2], _flat(img).numpy(), th.numpy(), out.numpy(), *img.shape[2:], border)
         ctx.save_for_backward(img, th)
         ctx.border = border
         ctx.theta_dtype = theta.dtype
@@ -84,20 +99,26 @@ class _FusedAffine(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        k = _kernels()
         img, th = ctx.saved_tensors
         go = grad_out.contiguous().to(img.dtype)
         d = img.dim() - 2
         grad_img = grad_theta = None
         if ctx.needs_input_grad[1]:
             partial = torch.zeros((img.shape[0], go.shape[2], d, d + 1), dtype=torch.float64)
-            fn = _kernel("affine2d_grad_theta" if d == 2 else "affine3d_grad_theta")
-            fn(img.numpy(), th.numpy(), go.numpy(), partial.numpy(), ctx.border)
+            if d == 2:
+                _kernel("affine2d_grad_theta")(img.numpy(), th.numpy(), go.numpy(), partial.numpy(), ctx.border)
+            else:
+                fn = _kernel("affine3d_grad_theta")
+                args = (_flat(img).numpy(), th.numpy(), go.numpy(), partial.numpy(), *img.shape[2:], ctx.border)
+                fn(go.shape[0], go.shape[2], *args)
             grad_theta = partial.sum(1).to(ctx.theta_dtype)
         if ctx.needs_input_grad[0]:
             gimg = torch.zeros(img.shape, dtype=torch.float64)
-            fn = k.affine2d_grad_image if d == 2 else k.affine3d_grad_image
-            fn(th.numpy(), go.double().numpy(), gimg.numpy(), ctx.border)
+            if d == 2:
+                _kernels()["affine2d_grad_image"](th.numpy(), go.double().numpy(), gimg.numpy(), ctx.border)
+            else:
+                args = (th.numpy(), go.double().numpy(), _flat(gimg).numpy(), *img.shape[2:], ctx.border)
+                _kernels()["affine3d_grad_image"](*args)
             grad_img = gimg.to(img.dtype)
         return grad_img, grad_theta, None, None
 
@@ -119,57 +140,40 @@ def fused_affine_warp(image: Tensor, theta: Tensor, out_shape: tuple[int, ...], 
     return _FusedAffine.apply(image, theta, tuple(int(s) for s in out_shape), padding == "border")
 
 
-def _loss_pass(img: Tensor, fixed: Tensor, th: Tensor, border: bool, coef: tuple[float, float, float]):
-    n, od = img.shape[0], fixed.shape[2]
-    grad = torch.zeros((n, od, 3, 4), dtype=torch.float64)
-    stats = torch.zeros((n, od, 3), dtype=torch.float64)
-    _kernel("affine3d_loss")(
-        img.numpy(),
-        fixed.numpy(),
-        th.numpy(),
-        border,
-        torch.tensor(coef, dtype=torch.float64).numpy(),
-        grad.numpy(),
-        stats.numpy(),
-    )
-    return stats.sum(1), grad.sum(1)
-
-
 class _FusedAffineLoss(torch.autograd.Function):
-    """Similarity of ``image`` warped by θ against ``fixed``, with ``∂/∂θ`` computed in the forward."""
+    """Similarity of ``image`` warped by θ against ``fixed``, with ``∂/∂θ`` computed in the same pass."""
 
     @staticmethod
     def forward(ctx, image: Tensor, fixed: Tensor, theta: Tensor, loss: str, border: bool) -> Tensor:
         img = image.detach().contiguous()
         fix = fixed.detach().to(img.dtype).contiguous()
         th = theta.detach().to(torch.float64).contiguous()
-        n = img.shape[0]
+        _check_finite(th)
+        n, od = img.shape[0], fix.shape[2]
+        stats = torch.zeros((n, od, 5), dtype=torch.float64)
+        parts = torch.zeros((n, od, 3, 3, 4), dtype=torch.float64)
+        fn = _kernel("affine3d_mse" if loss == "mse" else "affine3d_ncc")
+        fn(n, od, _flat(img).numpy(), fix.numpy(), th.numpy(), *img.shape[2:], border, stats.numpy(), parts.numpy())
+        # Slice partials summed in slice order: the same bits for any thread count.
+        s_v, s_vv, s_vf, s_f, s_ff = stats.sum(1).unbind(1)
+        g_f, g_v, g_1 = parts.sum(1).unbind(1)
         count = fix[0].numel()  # channels x voxels per item
-        sf = fix.reshape(n, -1).double().sum(1)
-        sff = fix.reshape(n, -1).double().square().sum(1)
         if loss == "mse":
-            # (v - f)^2 averaged: one pass gives Σvv and Σvf, and the gradient weight 2 (v - f) / n.
-            stats, grad = _loss_pass(img, fix, th, border, (-2.0 / (count * n), 2.0 / (count * n), 0.0))
-            value = ((stats[:, 1] - 2 * stats[:, 2] + sff) / count).mean()
+            # mean (v - f)^2 per item, averaged over the batch; d/dv = 2 (v - f) / (count n).
+            value = ((s_vv - 2 * s_vf + s_ff) / count).mean()
+            grad = g_f * (2.0 / (count * n))  # the kernel's Σ (v - f) ∂v/∂θ
         else:
-            stats, _ = _loss_pass(img, fix, th, border, (0.0, 0.0, 0.0))
-            grads, values = [], []
-            for i in range(n):
-                sv, svv, svf = stats[i].tolist()
-                mv, mf = sv / count, float(sf[i]) / count
-                cov = svf / count - mv * mf
-                var_v = max(svv / count - mv * mv, 1e-12)
-                var_f = max(float(sff[i]) / count - mf * mf, 1e-12)
-                r = cov / math.sqrt(var_v * var_f)
-                values.append(1.0 - r)
-                # d(1 - r)/dv = -[(f - mf) / sqrt(var_v var_f) - r (v - mv) / var_v] / count, batch-averaged.
-                s = math.sqrt(var_v * var_f)
-                a, b = -1.0 / (s * count * n), r / (var_v * count * n)
-                c = (mf / s - r * mv / var_v) / (count * n)
-                _, g = _loss_pass(img[i : i + 1], fix[i : i + 1], th[i : i + 1], border, (a, b, c))
-                grads.append(g)
-            grad = torch.cat(grads)
-            value = torch.tensor(values, dtype=torch.float64).mean()
+            mv, mf = s_v / count, s_f / count
+            var_v = (s_vv / count - mv * mv).clamp_min(1e-12)
+            var_f = (s_ff / count - mf * mf).clamp_min(1e-12)
+            sd = (var_v * var_f).sqrt()
+            r = (s_vf / count - mv * mf) / sd
+            value = (1.0 - r).mean()
+            # d(1 - r)/dv = -[(f - mf) / sd - r (v - mv) / var_v] / count, batch-averaged.
+            a = -1.0 / (sd * count * n)
+            b = r / (var_v * count * n)
+            c = (mf / sd - r * mv / var_v) / (count * n)
+            grad = a[:, None, None] * g_f + b[:, None, None] * g_v + c[:, None, None] * g_1
         ctx.save_for_backward(grad)
         ctx.theta_dtype = theta.dtype
         return value.to(image.dtype)
@@ -177,7 +181,7 @@ class _FusedAffineLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         (grad,) = ctx.saved_tensors
-        return None, None, (grad * float(grad_out)).to(ctx.theta_dtype), None, None
+        return None, None, (grad * grad_out.double()).to(ctx.theta_dtype), None, None
 
 
 def fused_affine_loss(
@@ -204,3 +208,67 @@ def fused_affine_loss(
     n = check_batch(image.shape[0], theta.shape[0], "image and transform")
     theta = theta.expand(n, *theta.shape[1:]) if theta.shape[0] != n else theta
     return _FusedAffineLoss.apply(image, fixed, theta, loss, padding == "border")
+
+
+class _FastSample(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, image: Tensor, coords: Tensor, border: bool) -> Tensor:
+        img = image.detach().contiguous()
+        xyz = coords.detach().contiguous()
+        # A sum is finite exactly when no element is NaN or infinite (bar overflow of absurd
+        # values), and costs a twentieth of isfinite().all() on a 3D grid.
+        if not bool(torch.isfinite(xyz.sum())):
+            raise ValueError("sampling coordinates contain NaN or infinity")
+        n, c = img.shape[:2]
+        out = torch.empty((n, c, *xyz.shape[1:4]), dtype=img.dtype)
+        dims = (*img.shape[2:], border)
+        dv = None
+        if ctx.needs_input_grad[1] and c == 1:
+            # One pass that keeps ∂out/∂coords: the backward needs no second gather.
+            dv = torch.empty_like(xyz)
+            args = (_flat(img).numpy(), xyz.numpy(), out.numpy(), dv.numpy(), *dims)
+            _kernel("field3d_forward_grad")(n, out.shape[2], *args)
+        else:
+            _kernel("field3d_forward")(n, out.shape[2], _flat(img).numpy(), xyz.numpy(), out.numpy(), *dims)
+        ctx.save_for_backward(img, xyz, dv)
+        ctx.border = border
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        img, xyz, dv = ctx.saved_tensors
+        go = grad_out.contiguous().to(img.dtype)
+        grad_img = grad_xyz = None
+        if ctx.needs_input_grad[1]:
+            grad_xyz = torch.empty_like(xyz)
+            if dv is not None:
+                _kernel("field3d_chain")(go.shape[0], go.shape[2], dv.numpy(), go.numpy(), grad_xyz.numpy())
+            else:
+                args = (_flat(img).numpy(), xyz.numpy(), go.numpy(), grad_xyz.numpy(), *img.shape[2:], ctx.border)
+                _kernel("field3d_grad_coords")(go.shape[0], go.shape[2], *args)
+        if ctx.needs_input_grad[0]:
+            gimg = torch.zeros(img.shape, dtype=torch.float64)
+            shape = tuple(int(s) for s in img.shape[2:])
+            _kernels()["field3d_grad_image"](shape, xyz.numpy(), go.double().numpy(), _flat(gimg).numpy(), ctx.border)
+            grad_img = gimg.to(img.dtype)
+        return grad_img, grad_xyz, None
+
+
+def fast_sample(image: Tensor, coords: Tensor, padding: str = "zeros") -> Tensor:
+    """``grid_sample(image, coords, align_corners=False)``, trilinear, with the numba kernels.
+
+    Args:
+        image: ``(N, C, D, H, W)`` float32/float64 on the CPU.
+        coords: ``(N, D', H', W', 3)`` normalized ``(x, y, z)`` coordinates, the image's dtype
+            (a batch of 1 on either side broadcasts).
+        padding: ``"zeros"`` or ``"border"``.
+
+    Returns:
+        ``(N, C, D', H', W')``; gradients flow to the image and the coordinates.
+    """
+    n = check_batch(image.shape[0], coords.shape[0], "image and coordinates")
+    if image.shape[0] != n:
+        image = image.expand(n, *image.shape[1:])
+    if coords.shape[0] != n:
+        coords = coords.expand(n, *coords.shape[1:])
+    return _FastSample.apply(image, coords.to(image.dtype), padding == "border")

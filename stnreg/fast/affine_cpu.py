@@ -22,6 +22,8 @@ import math
 import numba as nb
 import numpy as np
 
+from .trilinear import FAST, INLINE, checked3d, interior3d, interior3d_value, moments, row_span, scatter3d
+
 _OPTS = {"cache": True, "nogil": True, "fastmath": False, "error_model": "numpy"}
 
 
@@ -33,154 +35,168 @@ def _unnorm(g: float, n: int, border: bool) -> float:
     return ix
 
 
-@nb.njit(inline="always", **{k: v for k, v in _OPTS.items() if k != "cache"})
-def _accumulate3d(acc, gx: float, gy: float, gz: float, ux: float, uy: float, uz: float) -> None:
-    """Add one voxel's share ``∇v ⊗ [u; 1]`` to a 3 x 4 θ-gradient accumulator."""
-    for row, g in enumerate((gx, gy, gz)):
-        acc[row, 0] += g * ux
-        acc[row, 1] += g * uy
-        acc[row, 2] += g * uz
-        acc[row, 3] += g
+@nb.njit(**INLINE)
+def _row_start(t, z: int, y: int, od: int, oh: int, ow: int, d: int, h: int, w: int):
+    """Pixel position of output voxel ``(z, y, 0)`` under θ and its step per output ``x``."""
+    uz = (2.0 * z + 1.0) / od - 1.0
+    uy = (2.0 * y + 1.0) / oh - 1.0
+    ux = 1.0 / ow - 1.0
+    rx = ((t[0, 0] * ux + t[0, 1] * uy + t[0, 2] * uz + t[0, 3] + 1.0) * w - 1.0) * 0.5
+    ry = ((t[1, 0] * ux + t[1, 1] * uy + t[1, 2] * uz + t[1, 3] + 1.0) * h - 1.0) * 0.5
+    rz = ((t[2, 0] * ux + t[2, 1] * uy + t[2, 2] * uz + t[2, 3] + 1.0) * d - 1.0) * 0.5
+    return rx, ry, rz, t[0, 0] * w / ow, t[1, 0] * h / ow, t[2, 0] * d / ow
 
 
-@nb.njit(parallel=True, **_OPTS)
-def affine3d_forward(img, theta, out, border):  # pragma: no cover - compiled
-    n_b, n_c, d, h, w = img.shape
+@nb.njit(**INLINE)
+def _add_moments(acc, s, z: int, y: int, od: int, oh: int) -> None:
+    """Add one output row's :func:`moments` to a 3 x 4 θ-gradient: ``Σ g [ux, uy, uz, 1]`` per axis."""
+    uz = (2.0 * z + 1.0) / od - 1.0
+    uy = (2.0 * y + 1.0) / oh - 1.0
+    for row in range(3):
+        su, s1 = s[2 * row], s[2 * row + 1]
+        acc[row, 0] += su
+        acc[row, 1] += uy * s1
+        acc[row, 2] += uz * s1
+        acc[row, 3] += s1
+
+
+@nb.njit(**INLINE)
+def _scale_rows(acc, d: int, h: int, w: int) -> None:
+    """Chain rule from pixel to normalized coordinates: ``∂r/∂g = n / 2`` per axis."""
+    for k in range(4):
+        acc[0, k] *= 0.5 * w
+        acc[1, k] *= 0.5 * h
+        acc[2, k] *= 0.5 * d
+
+
+@nb.njit(**FAST)
+def _forward_slice(b, z, img, theta, out, d, h, w, border):  # pragma: no cover - compiled
+    n_c = img.shape[1]
     od, oh, ow = out.shape[2], out.shape[3], out.shape[4]
-    for b in range(n_b):
-        t = theta[b]
-        for z in nb.prange(od):
-            uz = (2.0 * z + 1.0) / od - 1.0
-            for y in range(oh):
-                uy = (2.0 * y + 1.0) / oh - 1.0
+    for y in range(oh):
+        rx, ry, rz, ax, ay, az = _row_start(theta[b], z, y, od, oh, ow, d, h, w)
+        lo, hi = row_span(rx, ry, rz, ax, ay, az, d, h, w, ow)
+        for c in range(n_c):
+            flat, row = img[b, c], out[b, c, z, y]
+            for x in range(lo, hi):
+                row[x] = interior3d_value(flat, rx + x * ax, ry + x * ay, rz + x * az, w, h * w)
+            for x in range(ow):
+                if not lo <= x < hi:
+                    row[x] = checked3d(flat, d, h, w, rx + x * ax, ry + x * ay, rz + x * az, border)[0]
+
+
+@nb.njit(**FAST)
+def _grad_theta_slice(b, z, img, theta, gout, partial, d, h, w, border):  # pragma: no cover - compiled
+    n_c = img.shape[1]
+    od, oh, ow = gout.shape[2], gout.shape[3], gout.shape[4]
+    acc = np.zeros((3, 4))
+    for y in range(oh):
+        rx, ry, rz, ax, ay, az = _row_start(theta[b], z, y, od, oh, ow, d, h, w)
+        lo, hi = row_span(rx, ry, rz, ax, ay, az, d, h, w, ow)
+        for c in range(n_c):
+            flat, go = img[b, c], gout[b, c, z, y]
+            s = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+            for x in range(lo, hi):
+                _, gx, gy, gz = interior3d(flat, rx + x * ax, ry + x * ay, rz + x * az, w, h * w)
+                s = moments(s, go[x], gx, gy, gz, (2.0 * x + 1.0) / ow - 1.0)
+            for x in range(ow):
+                if not lo <= x < hi:
+                    _, gx, gy, gz = checked3d(flat, d, h, w, rx + x * ax, ry + x * ay, rz + x * az, border)
+                    s = moments(s, go[x], gx, gy, gz, (2.0 * x + 1.0) / ow - 1.0)
+            _add_moments(acc, s, z, y, od, oh)
+    _scale_rows(acc, d, h, w)
+    partial[b, z] = acc
+
+
+@nb.njit(**INLINE)
+def _loss_voxel(ncc, st, m_f, m_v, m_1, v, gx, gy, gz, f, x, ow):
+    """One voxel's share of the statistics ``(Σv, Σv², Σv·f, Σf, Σf²)`` and of the moments."""
+    st = (st[0] + v, st[1] + v * v, st[2] + v * f, st[3] + f, st[4] + f * f)
+    ux = (2.0 * x + 1.0) / ow - 1.0
+    if ncc:
+        return st, moments(m_f, f, gx, gy, gz, ux), moments(m_v, v, gx, gy, gz, ux), moments(m_1, 1.0, gx, gy, gz, ux)
+    return st, moments(m_f, v - f, gx, gy, gz, ux), m_v, m_1
+
+
+def _make_loss_slice(ncc: bool):
+    """The fused similarity pass over one output slice, specialized at compile time for MSE or NCC.
+
+    ``stats[b, z]`` receives slice ``z``'s ``(Σv, Σv², Σv·f, Σf, Σf²)``. MSE's derivative in ``v`` is
+    known before the pass, ``2 (v - f)`` up to a constant, so ``grads[b, z, 0]`` receives
+    ``Σ (v - f) ∂v/∂θ``. NCC's, ``a f + b v + c``, needs the statistics first, so ``grads[b, z, k]``
+    receives ``Σ w_k ∂v/∂θ`` for ``w = (f, v, 1)`` and the caller combines them: one pass either way.
+    """
+
+    def loss_slice(b, z, img, fixed, theta, d, h, w, border, stats, grads):  # pragma: no cover - compiled
+        n_c = img.shape[1]
+        od, oh, ow = fixed.shape[2], fixed.shape[3], fixed.shape[4]
+        acc_f, acc_v, acc_1 = np.zeros((3, 4)), np.zeros((3, 4)), np.zeros((3, 4))
+        st = (0.0, 0.0, 0.0, 0.0, 0.0)
+        for y in range(oh):
+            rx, ry, rz, ax, ay, az = _row_start(theta[b], z, y, od, oh, ow, d, h, w)
+            lo, hi = row_span(rx, ry, rz, ax, ay, az, d, h, w, ow)
+            for c in range(n_c):
+                flat, fr = img[b, c], fixed[b, c, z, y]
+                m_f = m_v = m_1 = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+                for x in range(lo, hi):
+                    v, gx, gy, gz = interior3d(flat, rx + x * ax, ry + x * ay, rz + x * az, w, h * w)
+                    st, m_f, m_v, m_1 = _loss_voxel(ncc, st, m_f, m_v, m_1, v, gx, gy, gz, fr[x], x, ow)
                 for x in range(ow):
-                    ux = (2.0 * x + 1.0) / ow - 1.0
-                    ix = _unnorm(t[0, 0] * ux + t[0, 1] * uy + t[0, 2] * uz + t[0, 3], w, border)
-                    iy = _unnorm(t[1, 0] * ux + t[1, 1] * uy + t[1, 2] * uz + t[1, 3], h, border)
-                    iz = _unnorm(t[2, 0] * ux + t[2, 1] * uy + t[2, 2] * uz + t[2, 3], d, border)
-                    x0, y0, z0 = math.floor(ix), math.floor(iy), math.floor(iz)
-                    fx, fy, fz = ix - x0, iy - y0, iz - z0
-                    for c in range(n_c):
-                        acc = 0.0
-                        for k in range(2):
-                            zz = z0 + k
-                            if zz < 0 or zz >= d:
-                                continue
-                            wz = fz if k else 1.0 - fz
-                            for j in range(2):
-                                yy = y0 + j
-                                if yy < 0 or yy >= h:
-                                    continue
-                                wy = fy if j else 1.0 - fy
-                                for i in range(2):
-                                    xx = x0 + i
-                                    if xx < 0 or xx >= w:
-                                        continue
-                                    wx = fx if i else 1.0 - fx
-                                    acc += wz * wy * wx * img[b, c, zz, yy, xx]
-                        out[b, c, z, y, x] = acc
+                    if not lo <= x < hi:
+                        v, gx, gy, gz = checked3d(flat, d, h, w, rx + x * ax, ry + x * ay, rz + x * az, border)
+                        st, m_f, m_v, m_1 = _loss_voxel(ncc, st, m_f, m_v, m_1, v, gx, gy, gz, fr[x], x, ow)
+                _add_moments(acc_f, m_f, z, y, od, oh)
+                if ncc:
+                    _add_moments(acc_v, m_v, z, y, od, oh)
+                    _add_moments(acc_1, m_1, z, y, od, oh)
+        for acc in (acc_f, acc_v, acc_1):
+            _scale_rows(acc, d, h, w)
+        for k in range(5):
+            stats[b, z, k] = st[k]
+        grads[b, z, 0] = acc_f
+        grads[b, z, 1] = acc_v
+        grads[b, z, 2] = acc_1
+
+    return nb.njit(**FAST)(loss_slice)
 
 
-@nb.njit(parallel=True, **_OPTS)
-def affine3d_grad_theta(img, theta, gout, partial, border):  # pragma: no cover - compiled
-    """``partial[b, z]`` receives slice ``z``'s share of ``∂L/∂θ_b`` (3 x 4)."""
-    n_b, n_c, d, h, w = img.shape
+def over_slices(slice_fn):
+    """A kernel running ``slice_fn(b, z, *args)`` for every item and output slice: ``(threaded, serial)``.
+
+    Each slice writes its own outputs, so the threaded kernel needs no locks and gives the same
+    bits as the serial one. The slice functions are compiled apart from the ``prange`` loop, which
+    keeps numba's parallel array analysis out of the gather code.
+    """
+
+    def run(n_b, od, *args):  # pragma: no cover - compiled
+        for task in nb.prange(n_b * od):
+            slice_fn(task // od, task % od, *args)
+
+    return nb.njit(parallel=True, **FAST)(run), nb.njit(**FAST)(run)
+
+
+_KERNELS3D = {
+    "affine3d_forward": over_slices(_forward_slice),
+    "affine3d_grad_theta": over_slices(_grad_theta_slice),
+    "affine3d_mse": over_slices(_make_loss_slice(False)),
+    "affine3d_ncc": over_slices(_make_loss_slice(True)),
+}
+
+
+@nb.njit(**FAST)
+def affine3d_grad_image(theta, gout, gimg, d, h, w, border):  # pragma: no cover - compiled
+    """Scatter ``gout`` back through the trilinear weights into ``gimg`` ``(N, C, D*H*W)`` (one thread:
+    neighbouring outputs share input voxels)."""
+    n_b, n_c = gimg.shape[0], gimg.shape[1]
     od, oh, ow = gout.shape[2], gout.shape[3], gout.shape[4]
     for b in range(n_b):
-        t = theta[b]
-        for z in nb.prange(od):
-            uz = (2.0 * z + 1.0) / od - 1.0
-            acc = np.zeros((3, 4))
-            for y in range(oh):
-                uy = (2.0 * y + 1.0) / oh - 1.0
-                for x in range(ow):
-                    ux = (2.0 * x + 1.0) / ow - 1.0
-                    gx = t[0, 0] * ux + t[0, 1] * uy + t[0, 2] * uz + t[0, 3]
-                    gy = t[1, 0] * ux + t[1, 1] * uy + t[1, 2] * uz + t[1, 3]
-                    gz = t[2, 0] * ux + t[2, 1] * uy + t[2, 2] * uz + t[2, 3]
-                    rx = ((gx + 1.0) * w - 1.0) * 0.5
-                    ry = ((gy + 1.0) * h - 1.0) * 0.5
-                    rz = ((gz + 1.0) * d - 1.0) * 0.5
-                    # Border padding clamps: the clamped coordinate does not move, its gradient is 0.
-                    sx = 0.5 * w if (not border or 0.0 < rx < w - 1.0) else 0.0
-                    sy = 0.5 * h if (not border or 0.0 < ry < h - 1.0) else 0.0
-                    sz = 0.5 * d if (not border or 0.0 < rz < d - 1.0) else 0.0
-                    if border:
-                        rx = min(max(rx, 0.0), w - 1.0)
-                        ry = min(max(ry, 0.0), h - 1.0)
-                        rz = min(max(rz, 0.0), d - 1.0)
-                    x0, y0, z0 = math.floor(rx), math.floor(ry), math.floor(rz)
-                    fx, fy, fz = rx - x0, ry - y0, rz - z0
-                    dvx = 0.0
-                    dvy = 0.0
-                    dvz = 0.0
-                    for c in range(n_c):
-                        go = gout[b, c, z, y, x]
-                        if go == 0.0:
-                            continue
-                        for k in range(2):
-                            zz = z0 + k
-                            if zz < 0 or zz >= d:
-                                continue
-                            wz = fz if k else 1.0 - fz
-                            dz = 1.0 if k else -1.0
-                            for j in range(2):
-                                yy = y0 + j
-                                if yy < 0 or yy >= h:
-                                    continue
-                                wy = fy if j else 1.0 - fy
-                                dy = 1.0 if j else -1.0
-                                for i in range(2):
-                                    xx = x0 + i
-                                    if xx < 0 or xx >= w:
-                                        continue
-                                    wx = fx if i else 1.0 - fx
-                                    dx = 1.0 if i else -1.0
-                                    v = go * img[b, c, zz, yy, xx]
-                                    dvx += v * dx * wy * wz
-                                    dvy += v * wx * dy * wz
-                                    dvz += v * wx * wy * dz
-                    dvx *= sx
-                    dvy *= sy
-                    dvz *= sz
-                    _accumulate3d(acc, dvx, dvy, dvz, ux, uy, uz)
-            partial[b, z] = acc
-
-
-@nb.njit(**_OPTS)
-def affine3d_grad_image(theta, gout, gimg, border):  # pragma: no cover - compiled
-    n_b, n_c, d, h, w = gimg.shape
-    od, oh, ow = gout.shape[2], gout.shape[3], gout.shape[4]
-    for b in range(n_b):
-        t = theta[b]
         for z in range(od):
-            uz = (2.0 * z + 1.0) / od - 1.0
             for y in range(oh):
-                uy = (2.0 * y + 1.0) / oh - 1.0
+                rx, ry, rz, ax, ay, az = _row_start(theta[b], z, y, od, oh, ow, d, h, w)
                 for x in range(ow):
-                    ux = (2.0 * x + 1.0) / ow - 1.0
-                    ix = _unnorm(t[0, 0] * ux + t[0, 1] * uy + t[0, 2] * uz + t[0, 3], w, border)
-                    iy = _unnorm(t[1, 0] * ux + t[1, 1] * uy + t[1, 2] * uz + t[1, 3], h, border)
-                    iz = _unnorm(t[2, 0] * ux + t[2, 1] * uy + t[2, 2] * uz + t[2, 3], d, border)
-                    x0, y0, z0 = math.floor(ix), math.floor(iy), math.floor(iz)
-                    fx, fy, fz = ix - x0, iy - y0, iz - z0
-                    for k in range(2):
-                        zz = z0 + k
-                        if zz < 0 or zz >= d:
-                            continue
-                        wz = fz if k else 1.0 - fz
-                        for j in range(2):
-                            yy = y0 + j
-                            if yy < 0 or yy >= h:
-                                continue
-                            wy = fy if j else 1.0 - fy
-                            for i in range(2):
-                                xx = x0 + i
-                                if xx < 0 or xx >= w:
-                                    continue
-                                wgt = wz * wy * (fx if i else 1.0 - fx)
-                                for c in range(n_c):
-                                    gimg[b, c, zz, yy, xx] += wgt * gout[b, c, z, y, x]
+                    px, py, pz = rx + x * ax, ry + x * ay, rz + x * az
+                    for c in range(n_c):
+                        scatter3d(gimg[b, c], d, h, w, px, py, pz, border, gout[b, c, z, y, x])
 
 
 @nb.njit(parallel=True, **_OPTS)
@@ -292,92 +308,12 @@ def affine2d_grad_image(theta, gout, gimg, border):  # pragma: no cover - compil
                             gimg[b, c, yy, xx] += wgt * gout[b, c, y, x]
 
 
-@nb.njit(parallel=True, **_OPTS)
-def affine3d_loss(img, fixed, theta, border, coef, partial_grad, partial_stats):  # pragma: no cover - compiled
-    """One pass of a fused similarity: sample ``v`` at ``θ [u; 1]``, compare with ``fixed``.
-
-    ``partial_stats[b, z]`` receives slice ``z``'s ``(Σv, Σv², Σv·f)``; when ``coef = (a, b, c)`` is
-    not all zero, ``partial_grad[b, z]`` receives ``Σ (a f + b v + c) ∂v/∂θ`` (3 x 4). MSE needs one
-    pass (``a = -2/n, b = 2/n``); NCC a statistics pass, then a gradient pass.
-    """
-    n_b, n_c, d, h, w = img.shape
-    od, oh, ow = fixed.shape[2], fixed.shape[3], fixed.shape[4]
-    ca, cb, cc = coef[0], coef[1], coef[2]
-    want_grad = ca != 0.0 or cb != 0.0 or cc != 0.0
-    for b in range(n_b):
-        t = theta[b]
-        for z in nb.prange(od):
-            uz = (2.0 * z + 1.0) / od - 1.0
-            acc = np.zeros((3, 4))
-            s_v = 0.0
-            s_vv = 0.0
-            s_vf = 0.0
-            for y in range(oh):
-                uy = (2.0 * y + 1.0) / oh - 1.0
-                for x in range(ow):
-                    ux = (2.0 * x + 1.0) / ow - 1.0
-                    rx = ((t[0, 0] * ux + t[0, 1] * uy + t[0, 2] * uz + t[0, 3] + 1.0) * w - 1.0) * 0.5
-                    ry = ((t[1, 0] * ux + t[1, 1] * uy + t[1, 2] * uz + t[1, 3] + 1.0) * h - 1.0) * 0.5
-                    rz = ((t[2, 0] * ux + t[2, 1] * uy + t[2, 2] * uz + t[2, 3] + 1.0) * d - 1.0) * 0.5
-                    sx = 0.5 * w if (not border or 0.0 < rx < w - 1.0) else 0.0
-                    sy = 0.5 * h if (not border or 0.0 < ry < h - 1.0) else 0.0
-                    sz = 0.5 * d if (not border or 0.0 < rz < d - 1.0) else 0.0
-                    if border:
-                        rx = min(max(rx, 0.0), w - 1.0)
-                        ry = min(max(ry, 0.0), h - 1.0)
-                        rz = min(max(rz, 0.0), d - 1.0)
-                    x0, y0, z0 = math.floor(rx), math.floor(ry), math.floor(rz)
-                    fx, fy, fz = rx - x0, ry - y0, rz - z0
-                    for c in range(n_c):
-                        v = 0.0
-                        dvx = 0.0
-                        dvy = 0.0
-                        dvz = 0.0
-                        for k in range(2):
-                            zz = z0 + k
-                            if zz < 0 or zz >= d:
-                                continue
-                            wz = fz if k else 1.0 - fz
-                            dz = 1.0 if k else -1.0
-                            for j in range(2):
-                                yy = y0 + j
-                                if yy < 0 or yy >= h:
-                                    continue
-                                wy = fy if j else 1.0 - fy
-                                dy = 1.0 if j else -1.0
-                                for i in range(2):
-                                    xx = x0 + i
-                                    if xx < 0 or xx >= w:
-                                        continue
-                                    wx = fx if i else 1.0 - fx
-                                    dx = 1.0 if i else -1.0
-                                    q = img[b, c, zz, yy, xx]
-                                    v += wx * wy * wz * q
-                                    dvx += q * dx * wy * wz
-                                    dvy += q * wx * dy * wz
-                                    dvz += q * wx * wy * dz
-                        f = fixed[b, c, z, y, x]
-                        s_v += v
-                        s_vv += v * v
-                        s_vf += v * f
-                        if want_grad:
-                            g = ca * f + cb * v + cc
-                            gx = g * dvx * sx
-                            gy = g * dvy * sy
-                            gz = g * dvz * sz
-                            _accumulate3d(acc, gx, gy, gz, ux, uy, uz)
-            partial_stats[b, z, 0] = s_v
-            partial_stats[b, z, 1] = s_vv
-            partial_stats[b, z, 2] = s_vf
-            partial_grad[b, z] = acc
-
-
 def _serial(fn):
     """The same kernel compiled without threads: no thread pool is woken for one-thread runs."""
     return nb.njit(**_OPTS)(fn.py_func)
 
 
-SERIAL = {
-    name: _serial(globals()[name])
-    for name in ("affine3d_forward", "affine3d_grad_theta", "affine2d_forward", "affine2d_grad_theta", "affine3d_loss")
-}
+KERNELS = {name: pair for name, pair in _KERNELS3D.items()}
+KERNELS.update(
+    {name: (globals()[name], _serial(globals()[name])) for name in ("affine2d_forward", "affine2d_grad_theta")}
+)

@@ -1,0 +1,201 @@
+"""Trilinear sampling with its spatial gradient, the building block of the 3D numba kernels.
+
+Positions are input **pixel** coordinates ``r = ((g + 1) n - 1) / 2`` of normalized ``g``
+(``align_corners=False``), as ``grid_sample`` computes them. Images arrive flattened per channel,
+``(N, C, D*H*W)`` C-contiguous, so that one integer offset addresses a voxel.
+
+Each row of output voxels is split into an interior span, where all eight neighbours exist and the
+gathers need no checks (the hot loop), and the edges, which take the checked path with
+``grid_sample``'s zero or border padding. LLVM does not vectorize these gathers here (checked in
+the assembly), so the kernels are written to keep the scalar work per voxel small.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba as nb
+import numpy as np
+
+# fastmath lets LLVM reorder sums and contract multiply-adds; inputs are checked finite beforehand.
+FAST = {"cache": True, "nogil": True, "fastmath": True, "error_model": "numpy"}
+INLINE = {"inline": "always", "nogil": True, "fastmath": True, "error_model": "numpy"}
+
+
+@nb.njit(**INLINE)
+def interior_span(r0: float, step: float, n: int, count: int) -> tuple[int, int]:
+    """Indices ``[a, b)`` of ``x`` in ``0..count`` with ``0 <= r0 + x step < n - 1``, one voxel of
+    margin each side so that rounding can never reach outside the image."""
+    hi = n - 1.0
+    if step == 0.0:
+        return (0, count) if 0.0 <= r0 < hi else (0, 0)
+    lo_x = (0.0 - r0) / step
+    hi_x = (hi - r0) / step
+    if step < 0.0:
+        lo_x, hi_x = hi_x, lo_x
+    # Clamped before rounding: a tiny step gives bounds far beyond any int.
+    a = max(0, math.ceil(min(max(lo_x, -2.0), count + 2.0)) + 1)
+    b = min(count, math.floor(min(max(hi_x, -2.0), count + 2.0)) - 1)
+    return (a, max(a, b))
+
+
+@nb.njit(**INLINE)
+def _corners(flat, rx: float, ry: float, rz: float, w: int, hw: int):
+    """The eight neighbours of an interior position and its fractional offsets."""
+    # Interior positions are >= 0: truncation is the floor, and unsigned offsets spare numba's
+    # negative-index wraparound on every gather (measured 1.8x faster than signed indexing).
+    ix = np.uintp(rx)
+    iy = np.uintp(ry)
+    iz = np.uintp(rz)
+    base = iz * np.uintp(hw) + iy * np.uintp(w) + ix
+    one, uw, uhw = np.uintp(1), np.uintp(w), np.uintp(hw)
+    p = (
+        flat[base],
+        flat[base + one],
+        flat[base + uw],
+        flat[base + uw + one],
+        flat[base + uhw],
+        flat[base + uhw + one],
+        flat[base + uhw + uw],
+        flat[base + uhw + uw + one],
+    )
+    return p, rx - ix, ry - iy, rz - iz
+
+
+@nb.njit(**INLINE)
+def interior3d_value(flat, rx: float, ry: float, rz: float, w: int, hw: int) -> float:
+    """Trilinear value at an interior position (all eight neighbours inside the image)."""
+    p, fx, fy, fz = _corners(flat, rx, ry, rz, w, hw)
+    a00 = p[0] + fx * (p[1] - p[0])
+    a01 = p[2] + fx * (p[3] - p[2])
+    a10 = p[4] + fx * (p[5] - p[4])
+    a11 = p[6] + fx * (p[7] - p[6])
+    b0 = a00 + fy * (a01 - a00)
+    return b0 + fz * (a10 + fy * (a11 - a10) - b0)
+
+
+@nb.njit(**INLINE)
+def interior3d(flat, rx: float, ry: float, rz: float, w: int, hw: int):
+    """Value and ``∂/∂(rx, ry, rz)`` at an interior position."""
+    p, fx, fy, fz = _corners(flat, rx, ry, rz, w, hw)
+    d00 = p[1] - p[0]
+    d01 = p[3] - p[2]
+    d10 = p[5] - p[4]
+    d11 = p[7] - p[6]
+    a00 = p[0] + fx * d00
+    a01 = p[2] + fx * d01
+    a10 = p[4] + fx * d10
+    a11 = p[6] + fx * d11
+    b0 = a00 + fy * (a01 - a00)
+    b1 = a10 + fy * (a11 - a10)
+    gx0 = d00 + fy * (d01 - d00)
+    gx1 = d10 + fy * (d11 - d10)
+    v = b0 + fz * (b1 - b0)
+    gx = gx0 + fz * (gx1 - gx0)
+    gy = (a01 - a00) + fz * ((a11 - a10) - (a01 - a00))
+    return v, gx, gy, b1 - b0
+
+
+@nb.njit(**INLINE)
+def row_span(rx: float, ry: float, rz: float, ax: float, ay: float, az: float, d: int, h: int, w: int, count: int):
+    """The interior span ``[a, b)`` of a row of ``count`` positions ``r + x a``."""
+    a1, b1 = interior_span(rx, ax, w, count)
+    a2, b2 = interior_span(ry, ay, h, count)
+    a3, b3 = interior_span(rz, az, d, count)
+    a = max(a1, max(a2, a3))
+    return a, max(a, min(b1, min(b2, b3)))
+
+
+@nb.njit(**INLINE)
+def moments(s, wgt: float, gx: float, gy: float, gz: float, ux: float):
+    """Running ``Σ wgt ∇v ux`` and ``Σ wgt ∇v`` per axis, as ``(xu, x1, yu, y1, zu, z1)``."""
+    qx = wgt * gx
+    qy = wgt * gy
+    qz = wgt * gz
+    return (s[0] + qx * ux, s[1] + qx, s[2] + qy * ux, s[3] + qy, s[4] + qz * ux, s[5] + qz)
+
+
+@nb.njit(**INLINE)
+def checked3d(flat, d: int, h: int, w: int, rx: float, ry: float, rz: float, border: bool):
+    """As :func:`interior3d` anywhere, with zero or border padding.
+
+    Border padding clamps the position; a clamped axis does not move, so its derivative is 0.
+    """
+    sx = 1.0
+    sy = 1.0
+    sz = 1.0
+    if border:
+        if not 0.0 < rx < w - 1.0:
+            sx = 0.0
+            rx = min(max(rx, 0.0), w - 1.0)
+        if not 0.0 < ry < h - 1.0:
+            sy = 0.0
+            ry = min(max(ry, 0.0), h - 1.0)
+        if not 0.0 < rz < d - 1.0:
+            sz = 0.0
+            rz = min(max(rz, 0.0), d - 1.0)
+    x0 = math.floor(rx)
+    y0 = math.floor(ry)
+    z0 = math.floor(rz)
+    fx = rx - x0
+    fy = ry - y0
+    fz = rz - z0
+    v = 0.0
+    gx = 0.0
+    gy = 0.0
+    gz = 0.0
+    for k in range(2):
+        zz = z0 + k
+        if zz < 0 or zz >= d:
+            continue
+        wz = fz if k else 1.0 - fz
+        dz = 1.0 if k else -1.0
+        for j in range(2):
+            yy = y0 + j
+            if yy < 0 or yy >= h:
+                continue
+            wy = fy if j else 1.0 - fy
+            dy = 1.0 if j else -1.0
+            for i in range(2):
+                xx = x0 + i
+                if xx < 0 or xx >= w:
+                    continue
+                wx = fx if i else 1.0 - fx
+                dx = 1.0 if i else -1.0
+                q = flat[(zz * h + yy) * w + xx]
+                v += wx * wy * wz * q
+                gx += q * dx * wy * wz
+                gy += q * wx * dy * wz
+                gz += q * wx * wy * dz
+    return v, gx * sx, gy * sy, gz * sz
+
+
+@nb.njit(**INLINE)
+def scatter3d(gflat, d: int, h: int, w: int, rx: float, ry: float, rz: float, border: bool, g: float) -> None:
+    """Add ``g`` times the trilinear weights at a position into ``gflat`` (the image gradient)."""
+    if border:
+        rx = min(max(rx, 0.0), w - 1.0)
+        ry = min(max(ry, 0.0), h - 1.0)
+        rz = min(max(rz, 0.0), d - 1.0)
+    x0 = math.floor(rx)
+    y0 = math.floor(ry)
+    z0 = math.floor(rz)
+    fx = rx - x0
+    fy = ry - y0
+    fz = rz - z0
+    for k in range(2):
+        zz = z0 + k
+        if zz < 0 or zz >= d:
+            continue
+        wz = fz if k else 1.0 - fz
+        for j in range(2):
+            yy = y0 + j
+            if yy < 0 or yy >= h:
+                continue
+            wy = fy if j else 1.0 - fy
+            for i in range(2):
+                xx = x0 + i
+                if xx < 0 or xx >= w:
+                    continue
+                gflat[(zz * h + yy) * w + xx] += g * wz * wy * (fx if i else 1.0 - fx)
+
