@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
@@ -273,12 +274,16 @@ def _downsample(img: Tensor, grid: Grid, factor: int) -> tuple[Tensor, Grid]:
     return sample(img, coords, "linear", "border", antialias=True), grid.with_shape(shape)
 
 
-def _make_stage_transform(stage: Stage, grid: Grid, center: Tensor, voxel: float) -> ParametricTransform:
+def _make_stage_transform(
+    stage: Stage, grid: Grid, center: Tensor, voxel: float, level: int = 1
+) -> ParametricTransform:
+    """The stage's transform family; dense fields live on ``field_factor`` x the pyramid ``level``'s
+    spacing, so that coarse levels optimize (and integrate) coarse fields."""
     d = grid.ndim
     if stage.family in MATRIX:
         return FAMILIES[stage.family](d, center=center)
     if stage.family in ("svf", "displacement"):
-        g = grid.with_shape(_level_shape(grid.shape, stage.field_factor))
+        g = grid.with_shape(_level_shape(grid.shape, stage.field_factor * level))
         cls = StationaryVelocity if stage.family == "svf" else Displacement
         return cls(g.shape, domain=g.world_to_normalized())
     # Control point families use the finest fixed grid: control spacing in voxels of it.
@@ -290,6 +295,20 @@ def _make_stage_transform(stage: Stage, grid: Grid, center: Tensor, voxel: float
     ).reshape(-1, d)
     cp = apply_affine(grid.normalized_to_world(), cp_norm * 0.95)
     return ThinPlateSpline(cp.float())
+
+
+def _refine_field(
+    family: Displacement, raw: Tensor, stage: Stage, grid: Grid, center: Tensor, voxel: float, level: int, n: int
+) -> tuple[Displacement, Tensor, Tensor, Tensor]:
+    """The dense field family of pyramid ``level`` and its optimization variables, carried over from
+    the previous level by linear interpolation (vectors are in mm, so their values carry as they are)."""
+    new = _make_stage_transform(stage, grid, center.float(), voxel, level).to(raw.device)
+    if new.shape != family.shape:
+        mode = "bilinear" if len(new.shape) == 2 else "trilinear"
+        raw = F.interpolate(raw.detach(), size=new.shape, mode=mode, align_corners=False).requires_grad_()
+        family = new
+    scale = _scale_for(family, 1.0, voxel).to(raw.device, torch.float32)
+    return family, raw, scale, family.identity_params(n).to(raw.device)
 
 
 def _field_for_regularizer(t: ParametricTransform, params: Tensor) -> Tensor | None:
@@ -463,6 +482,8 @@ def register_many(
             if name not in REGULARIZERS:
                 raise ValueError(f"unknown regularizer {name!r}; choose from {', '.join(REGULARIZERS)}")
         for factor, iterations in _levels(stage, fgrid.shape):
+            if isinstance(family, Displacement):
+                family, raw, scale, init_params = _refine_field(family, raw, stage, fgrid, center, voxel, factor, n)
             f_l, fgrid_l = _downsample(f_int, fgrid, factor)
             m_l, mgrid_l = _downsample(m_int, mgrid, factor)
             mask_l = None if fmask is None else _downsample(fmask.float(), fgrid, factor)[0]

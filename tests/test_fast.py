@@ -160,3 +160,26 @@ def test_fast_paths_reject_non_finite_input():
     theta[0, 0, 3] = float("inf")
     with pytest.raises(ValueError, match="NaN or infinity"):
         fused_affine_warp(torch.rand(1, 1, 4, 4, 4), theta, (4, 4, 4))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fast_lncc_matches_autograd(monkeypatch, masked, dtype):
+    from stnreg.losses import lncc_loss
+
+    g = torch.Generator().manual_seed(6)
+    a = torch.rand(2, 2, 12, 13, 14, generator=g, dtype=dtype)
+    b = torch.rand(2, 2, 12, 13, 14, generator=g, dtype=dtype)
+    a[:, :, :4] = 0  # flat windows: zero variance, where the clamps act
+    b[:, :, :3] = 0
+    a.requires_grad_()
+    mask = torch.rand(1, 1, 12, 13, 14, generator=g, dtype=dtype) if masked else None
+    ours = lncc_loss(a, b, (5, 3, 7), mask)
+    (g_ours,) = torch.autograd.grad(ours, a)
+    monkeypatch.setenv("STNREG_FAST", "0")
+    ref = lncc_loss(a, b, (5, 3, 7), mask)
+    (g_ref,) = torch.autograd.grad(ref, a)
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    torch.testing.assert_close(ours, ref, atol=tol, rtol=tol)
+    torch.testing.assert_close(g_ours, g_ref, atol=tol * 1e-3, rtol=1e-5)
+    assert g_ref.abs().max() > 1e-4  # the comparison is not between zeros

@@ -145,11 +145,36 @@ def test_st_classifiers_start_at_identity(transform):
 
 def test_colocalizer_window_and_iou():
     m = CoLocalizer()
-    w = m.window(torch.rand(2, 1, 84, 84))
-    assert torch.allclose(w, torch.tensor([[28.0, 28.0, 56.0, 56.0]] * 2), atol=1e-5)
+    # A blank image gives a flat heatmap: the soft-argmax is the centre, a digit-sized window.
+    w = m.window(torch.zeros(2, 1, 84, 84))
+    assert torch.allclose(w, torch.tensor([[28.0, 28.0, 56.0, 56.0]] * 2), atol=1e-4)
+    # Any image: windows stay inside it, at the digit's size (or the scale asked for).
+    x = torch.rand(3, 1, 84, 84)
+    w = m.window(x)
+    assert bool((w >= -1e-4).all() and (w <= 84 + 1e-4).all())
+    assert torch.allclose(w[:, 2:] - w[:, :2], torch.full((3, 2), 28.0), atol=1e-4)
+    p = m.attention(x, scale=0.9)
+    assert torch.allclose(p[:, 0], torch.full((3,), 0.9)) and bool((p[:, 1:].abs() <= 0.1 + 1e-6).all())
+    assert m(x).shape[0] == 3 and torch.allclose(m(x).norm(dim=1), torch.ones(3), atol=1e-5)
     a = torch.tensor([[0.0, 0, 10, 10], [0, 0, 10, 10]])
     b = torch.tensor([[5.0, 0, 15, 10], [20, 20, 30, 30]])
     assert torch.allclose(box_iou(a, b), torch.tensor([1 / 3, 0.0]))
+
+
+def test_colocalizer_centre_follows_a_bright_spot():
+    """The soft-argmax maps heatmap pixels back to the right input coordinates."""
+    m = CoLocalizer(beta=1.0)
+    with torch.no_grad():
+        for layer in m.localization:
+            if isinstance(layer, torch.nn.Conv2d):
+                layer.weight.zero_()
+                layer.bias.zero_()
+                k = layer.weight.shape[-1]
+                layer.weight[:, :, k // 2, k // 2] = 1.0  # a centre tap: the heatmap is the (pooled) image
+    x = torch.zeros(1, 1, 84, 84)
+    x[0, 0, 40:42, 60:62] = 100.0  # one pooled pixel at (x, y) = (30, 20) of 42, centre (61, 41) px
+    c = m.centre(x)[0]
+    assert torch.allclose(c, torch.tensor([61 / 84 * 2 - 1, 41 / 84 * 2 - 1]), atol=1e-3)
 
 
 def test_st_cnn_learns_rts_quickly(data_dir):
@@ -169,9 +194,13 @@ def test_colocalization_trains_and_scores(tmp_path):
         tmp_path / "m.npz", x_train=x, y_train=np.zeros(64, np.int64), x_test=x[:32], y_test=np.zeros(32, np.int64)
     )
     dm = MNISTVariants("coloc-T", str(tmp_path / "m.npz"), digit=0, batch_size=16)
-    task = CoLocalizationTask()
+    task = CoLocalizationTask(pretrain_digits=64)
+    assert not bool(task.pretrained)
     trainer = quiet_trainer(max_steps=3)
     trainer.fit(task, dm)
+    # The encoder was pre-trained on the data module's digits at fit start, then frozen.
+    assert bool(task.pretrained) and float(task.pretrain_error) == 0.0
+    assert not any(p.requires_grad for p in task.model.encoder.parameters())
     acc = float(trainer.validate(task, dm, verbose=False)[0]["val/accuracy"])
     # The windows the score uses are the ones the figure draws.
     imgs, _, boxes = dm.test_set.tensors
@@ -180,6 +209,62 @@ def test_colocalization_trains_and_scores(tmp_path):
     from stnreg.paper.figures import colocalization_figure
 
     assert colocalization_figure(task.model, imgs[:4], boxes[:4], tmp_path / "coloc.png").exists()
+    # A checkpoint restores the pre-trained encoder and does not pre-train again.
+    trainer.save_checkpoint(tmp_path / "coloc.ckpt")
+    back = CoLocalizationTask.load_from_checkpoint(tmp_path / "coloc.ckpt", map_location="cpu")
+    assert bool(back.pretrained)
+    for a, b in zip(back.model.parameters(), task.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_triplet_loss_prefers_windows_on_the_digit(data_dir):
+    """With the pre-trained fixed encoder, the paper's loss is lower on the digit than beside it or off it."""
+    mnist = load_mnist(data_dir / "mnist" / "mnist.npz")
+    L.seed_everything(0)
+    task = CoLocalizationTask()
+    task.pretrain(mnist["x_train"][:3000], mnist["y_train"][:3000])
+    keep = mnist["y_test"] == 7
+    v = make_variant("coloc-T", mnist["x_test"][keep][:128], mnist["y_test"][keep][:128], seed=0)
+    x = v.images.float() / 255
+    s = 28 / 84
+    centre = (v.boxes[:, :2].float() + 14) / 84 * 2 - 1
+
+    def loss_at(shift):
+        t = (centre + shift).clamp(-(1 - s), 1 - s)
+        e = task.model.embed(task.model.sample_window(x, torch.cat([torch.full((len(x), 1), s), t], 1)))
+        neg = task.model.embed(task.random_crops(x))
+        pos = torch.cdist(e, e).pow(2)
+        hinge = torch.relu(pos - (e - neg).pow(2).sum(1)[:, None] + 1.0)
+        return float(hinge[~torch.eye(len(x), dtype=torch.bool)].mean())
+
+    with torch.no_grad():
+        on, beside = loss_at(0.0), loss_at(torch.tensor([12 / 42, 0.0]))
+        empty = float(task.triplet_loss(torch.zeros_like(x)))
+    assert on < beside - 0.3 and on < empty - 0.3
+
+
+def test_colocalizer_window_moves_to_the_digit(data_dir):
+    """A tiny budget (a few seconds): the windows go from the image centre onto the digits."""
+    dm = MNISTVariants(
+        "coloc-T", str(data_dir / "mnist" / "mnist.npz"), train_size=1000, test_size=300, digit=3, batch_size=32
+    )
+    dm.setup()
+    L.seed_everything(0)
+    task = CoLocalizationTask(pretrain_digits=3000)
+    imgs, _, boxes = dm.test_set.tensors
+    x, boxes = imgs.float() / 255, boxes.float()
+
+    def miss():
+        with torch.no_grad():
+            w = task.model.window(x)
+        dist = ((w[:, :2] + w[:, 2:]) / 2 - (boxes[:, :2] + boxes[:, 2:]) / 2).norm(dim=1)
+        return float(dist.mean()), 100.0 * float((box_iou(w, boxes) > 0.5).float().mean())
+
+    dist_before, acc_before = miss()
+    quiet_trainer(max_epochs=2, limit_val_batches=0).fit(task, dm)
+    dist_after, acc_after = miss()
+    assert acc_before < 30.0 and dist_before > 10.0
+    assert dist_after < 4.0 and acc_after > 90.0
 
 
 def test_paper_config_runs_with_stnreg_fit(tmp_path, data_dir, monkeypatch):

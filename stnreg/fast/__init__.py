@@ -12,12 +12,13 @@ from __future__ import annotations
 import os
 import sys
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from .._checks import check_batch
 
-__all__ = ["fast_available", "fast_sample", "fused_affine_loss", "fused_affine_warp"]
+__all__ = ["fast_available", "fast_lncc", "fast_sample", "fused_affine_loss", "fused_affine_warp"]
 
 _NOTICE_GIVEN = False
 _KERNELS = None
@@ -33,11 +34,12 @@ def _kernels():
             if "NUMBA_THREADING_LAYER" not in os.environ:
                 # A pool that sleeps between calls: OpenMP's spinning workers slowed everything else.
                 numba.config.THREADING_LAYER = "workqueue"
-            from . import affine_cpu, field_cpu
+            from . import affine_cpu, field_cpu, lncc_cpu
 
             _KERNELS = {**affine_cpu.KERNELS, **field_cpu.KERNELS, "field3d_grad_image": field_cpu.grad_image}
             _KERNELS["affine2d_grad_image"] = affine_cpu.affine2d_grad_image
             _KERNELS["affine3d_grad_image"] = affine_cpu.affine3d_grad_image
+            _KERNELS["lncc"] = (lncc_cpu.lncc_forward, lncc_cpu.lncc_grad)
         except Exception as err:  # numba missing, or an unsupported platform
             _KERNELS = False
             if not _NOTICE_GIVEN:
@@ -272,3 +274,59 @@ def fast_sample(image: Tensor, coords: Tensor, padding: str = "zeros") -> Tensor
     if coords.shape[0] != n:
         coords = coords.expand(n, *coords.shape[1:])
     return _FastSample.apply(image, coords.to(image.dtype), padding == "border")
+
+
+def _item(x: Tensor, i: int, ch: int) -> np.ndarray:
+    """Channel ``ch`` of item ``i`` (a batch of 1 broadcasts) as a ``(D, H, W)`` array."""
+    return x[i if x.shape[0] > 1 else 0, ch].numpy()
+
+
+class _FastLNCC(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor, weight: Tensor | None, window: tuple[int, int, int], eps: float) -> Tensor:
+        fwd, _ = _kernels()["lncc"]
+        a_, b_ = a.detach().contiguous(), b.detach().contiguous()
+        w_ = None if weight is None else weight.detach().double().contiguous()
+        n, c = max(a.shape[0], b.shape[0]), a.shape[1]
+        values, terms, totals = [], [], []
+        for i in range(n):
+            w_i = np.ones((1, 1, 1)) if w_ is None else _item(w_, i, 0)
+            # The weighted mean runs over channels and voxels, as _weighted_mean's.
+            totals.append(c * max(float(a_[0, 0].numel()) if w_ is None else float(w_i.sum()), 1e-8))
+            s = 0.0
+            for ch in range(c):
+                value, t = fwd(_item(a_, i, ch), _item(b_, i, ch), w_i, window, eps)
+                s += value
+                terms.append(t)
+            values.append(1.0 - s / totals[-1])
+        ctx.window, ctx.terms, ctx.totals, ctx.n = window, terms, totals, n
+        ctx.save_for_backward(a_, b_)
+        return torch.tensor(sum(values) / n, dtype=a.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        _, grad_fn = _kernels()["lncc"]
+        a_, b_ = ctx.saved_tensors
+        c = a_.shape[1]
+        grad = torch.empty((ctx.n, c, *a_.shape[2:]), dtype=torch.float64)
+        scale = float(grad_out) / ctx.n
+        for i in range(ctx.n):
+            for ch in range(c):
+                g = grad_fn(_item(a_, i, ch), _item(b_, i, ch), ctx.terms[i * c + ch], ctx.window)
+                grad[i, ch] = torch.from_numpy(g).mul_(scale / ctx.totals[i])
+        if a_.shape[0] == 1 and ctx.n > 1:
+            grad = grad.sum(0, keepdim=True)
+        return grad.to(a_.dtype), None, None, None, None
+
+
+def fast_lncc(
+    a: Tensor, b: Tensor, window: tuple[int, int, int], mask: Tensor | None = None, eps: float = 1e-8
+) -> Tensor:
+    """:func:`stnreg.losses.lncc_loss` of 3D images by the numba kernels; the gradient flows to ``a`` only.
+
+    Args:
+        a, b: ``(N, C, D, H, W)`` float on the CPU (a batch of 1 broadcasts).
+        window: odd window per axis, array order.
+        mask: ``(N or 1, 1, D, H, W)`` voxel weights, or ``None``.
+    """
+    return _FastLNCC.apply(a, b, mask, tuple(int(k) for k in window), float(eps))

@@ -159,49 +159,98 @@ class STClassifier(nn.Module):
 
 
 class CoLocalizer(nn.Module):
-    """Attention transformer that crops a window, and an encoder embedding the crop.
+    """Attention transformer that crops a digit-sized window, and a fixed encoder embedding the crop.
 
-    The head predicts ``(s, t)`` of the attention transform ``x -> s x + t`` (normalized input
-    coordinates); the window is kept inside the input by reading the translation through
-    ``t = (1 - s) tanh(t_raw)``. The scale is fixed at ``crop / size`` (a digit-sized window) unless
-    ``learn_scale``, then ``s = clamp(|s_raw|, 0.05, 1)``. Both constraints remove trivial optima
-    of the triplet loss measured here: windows off the image (only zero padding) or tiny windows
-    (uniform crops) embed alike whatever the image. The head starts at a centred window.
+    The paper's co-localization model is an ST with an attention transform (scale and translation)
+    and an encoding function ``e()`` made of the first layers of a CNN pre-trained for MNIST
+    classification and kept fixed. Here:
+
+    * ``encoder`` is the conv blocks of a small MNIST classifier (``encoder`` + ``classifier``, see
+      :meth:`pretrain_step`); :class:`~stnreg.paper.task.CoLocalizationTask` pre-trains it on plain
+      28x28 digits of all classes and freezes it before the co-localization training. The
+      embedding is its flattened feature map, L2-normalized (squared distances lie in [0, 4], the
+      scale the hinge margin is set for).
+    * the localization network is fully convolutional ('valid' convolutions on a ``loc_pool``-times
+      downsampled input, so it is translation-equivariant and cannot favour a place of the image,
+      such as a corner, by itself) and ends in a one-channel heatmap; the window's centre is the
+      heatmap's soft-argmax (softmax with inverse temperature ``beta``), clamped so the window stays
+      inside the image. A regression head (the paper's usual localization net, tried first) drifts
+      to one corner for every image, where crops are empty and alike.
+    * the scale is not learnt: the window is ``crop / size`` of the input (a digit-sized window,
+      what the IoU > 0.5 score compares with the digit's 28x28 frame); :meth:`attention` takes a
+      larger ``scale`` for the task's coarse-to-fine schedule.
 
     Args:
         size: canvas size (84); crop: the window's output size (28).
-        embedding: encoder output features.
-        learn_scale: learn the window's scale too.
+        loc_channels, loc_kernel, loc_pool: the localization network's conv widths, kernel size and
+            input downsampling.
+        beta: inverse temperature of the soft-argmax.
+        enc_channels, enc_kernel: the encoder's conv blocks (each with 2x2 max pooling).
+        classes, hidden: the pre-training classifier on top of the encoder.
     """
 
     def __init__(
         self,
         size: int = 84,
         crop: int = 28,
-        embedding: int = 32,
-        loc_channels: Sequence[int] = (20, 20),
-        enc_channels: Sequence[int] = (32, 32),
-        learn_scale: bool = False,
+        loc_channels: Sequence[int] = (16, 32, 32),
+        loc_kernel: int = 5,
+        loc_pool: int = 2,
+        beta: float = 10.0,
+        enc_channels: Sequence[int] = (16, 32),
+        enc_kernel: int = 5,
+        classes: int = 10,
+        hidden: int = 128,
     ) -> None:
         super().__init__()
-        self.learn_scale = learn_scale
-        body = make_cnn(1, loc_channels, [5] * len(loc_channels))
-        loc = nn.Sequential(body, nn.Flatten(), nn.Linear(_flat_size(body, (1, size, size)), 50), nn.ReLU())
-        self.transformer = SpatialTransformer(loc, Attention(2), 50, output_size=(crop, crop))
+        layers: list[nn.Module] = [nn.AvgPool2d(loc_pool)] if loc_pool > 1 else []
+        c = 1
+        for w in loc_channels:
+            layers += [nn.Conv2d(c, w, loc_kernel), nn.ReLU(inplace=True)]
+            c = w
+        layers.append(nn.Conv2d(c, 1, 1))
+        self.localization = nn.Sequential(*layers)
         with torch.no_grad():
-            self.transformer.head.bias[0] = crop / size
-        enc = make_cnn(1, enc_channels, [5] * len(enc_channels))
-        self.encoder = nn.Sequential(enc, nn.Flatten(), nn.Linear(_flat_size(enc, (1, crop, crop)), embedding))
+            # Non-negative read-out: the heatmap starts higher on ink than on empty background.
+            self.localization[-1].weight.abs_()
+        # Heatmap pixel i is pooled pixel i + offset ('valid' convolutions trim kernel // 2 a side).
+        self._heat_offset = len(loc_channels) * (loc_kernel // 2)
+        self.loc_pool, self.beta = int(loc_pool), float(beta)
+        self.encoder = make_cnn(1, enc_channels, [enc_kernel] * len(enc_channels))
+        feats = _flat_size(self.encoder, (1, crop, crop))
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(feats, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, classes)
+        )
         self.size, self.crop = size, crop
 
-    def attention(self, x: Tensor) -> Tensor:
-        """Bounded attention parameters ``(N, 3)`` = ``s, t_x, t_y`` for inputs ``(N, 1, H, W)``."""
-        raw = self.transformer.predict(x).params
-        if self.learn_scale:
-            s = raw[:, :1].abs().clamp(0.05, 1.0)
-        else:
-            s = torch.full_like(raw[:, :1], self.crop / self.size)
-        return torch.cat([s, (1 - s) * torch.tanh(raw[:, 1:])], 1)
+    @property
+    def window_scale(self) -> float:
+        """The window's size relative to the input (``crop / size``)."""
+        return self.crop / self.size
+
+    def centre(self, x: Tensor) -> Tensor:
+        """Soft-argmax of the localization heatmap: window centres ``(N, 2)`` = ``x, y`` in [-1, 1]."""
+        h = self.localization(x)
+        n, _, hh, ww = h.shape
+        logits = self.beta * h.flatten(1)
+        # Floor at max - 50 (weights >= e^-50 ~ 2e-22): once the heatmap is peaked, the rest of the
+        # softmax would underflow to subnormal floats, which slow CPU training about 10x.
+        logits = torch.maximum(logits, logits.amax(1, keepdim=True).detach() - 50.0)
+        p = F.softmax(logits, 1).reshape(n, hh, ww)
+
+        def axis(k: int, extent: int) -> Tensor:
+            pix = self.loc_pool * (torch.arange(k, device=x.device, dtype=x.dtype) + self._heat_offset)
+            return (pix + self.loc_pool / 2) / extent * 2 - 1
+
+        cx = (p.sum(1) * axis(ww, x.shape[-1])).sum(1)
+        cy = (p.sum(2) * axis(hh, x.shape[-2])).sum(1)
+        return torch.stack([cx, cy], 1)
+
+    def attention(self, x: Tensor, scale: float | None = None) -> Tensor:
+        """Attention parameters ``(N, 3)`` = ``s, t_x, t_y``; ``s`` = ``scale`` or :attr:`window_scale`."""
+        s = self.window_scale if scale is None else float(scale)
+        t = self.centre(x).clamp(-(1 - s), 1 - s)
+        return torch.cat([torch.full_like(t[:, :1], s), t], 1)
 
     def window(self, x: Tensor) -> Tensor:
         """Predicted sampling windows ``(N, 4)`` = ``x0, y0, x1, y1`` in input pixels."""
@@ -209,15 +258,26 @@ class CoLocalizer(nn.Module):
         s, t = p[:, :1], p[:, 1:]
         return torch.cat([(t - s + 1) * self.size / 2, (t + s + 1) * self.size / 2], 1)
 
-    def crops(self, x: Tensor) -> Tensor:
-        """The attended windows ``(N, 1, crop, crop)``."""
-        att = Attention(2).with_params(self.attention(x))
-        coords = att.sampling_grid((self.crop, self.crop)).to(x.dtype)
+    def sample_window(self, x: Tensor, params: Tensor) -> Tensor:
+        """Crops ``(N, 1, crop, crop)`` of ``x`` at attention parameters ``params`` ``(N, 3)``."""
+        coords = Attention(2).with_params(params).sampling_grid((self.crop, self.crop)).to(x.dtype)
         return sample(x, coords, "linear", "zeros")
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Embeddings ``(N, embedding)`` of the attended crops."""
-        return self.encoder(self.crops(x))
+    def crops(self, x: Tensor, scale: float | None = None) -> Tensor:
+        """The attended windows ``(N, 1, crop, crop)``."""
+        return self.sample_window(x, self.attention(x, scale))
+
+    def embed(self, crops: Tensor) -> Tensor:
+        """L2-normalized encoder features ``(N, F)`` of crops ``(N, 1, crop, crop)``."""
+        return F.normalize(self.encoder(crops).flatten(1), dim=1)
+
+    def forward(self, x: Tensor, scale: float | None = None) -> Tensor:
+        """Embeddings ``(N, F)`` of the attended crops."""
+        return self.embed(self.crops(x, scale))
+
+    def pretrain_step(self, digits: Tensor) -> Tensor:
+        """Class logits ``(N, classes)`` of 28x28 digits ``(N, 1, crop, crop)`` (encoder pre-training)."""
+        return self.classifier(self.encoder(digits))
 
 
 def _localizer(channels: int, features: int = 32) -> nn.Module:

@@ -1,8 +1,9 @@
 """LightningModules for the paper's experiments: classification and co-localization.
 
 Both take plain constructor values (saved in checkpoints, so a file alone restores the model) and
-read uint8 images from the data modules, scaling them to [0, 1] on the device. The transformer's
-parameters (localization network and head) train with ``lr * loc_lr_scale``, the paper-era split.
+read uint8 images from the data modules, scaling them to [0, 1] on the device. In the supervised
+tasks the transformer's parameters (localization network and head) train with ``lr * loc_lr_scale``,
+the paper-era split; co-localization trains only its localization network (the encoder is fixed).
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..sampler import sample
-from ..transforms import Attention
 from .models import CoLocalizer, STClassifier
 
 __all__ = ["CUBTask", "ClassificationTask", "CoLocalizationTask", "SVHNTask", "box_iou"]
@@ -146,47 +145,159 @@ def box_iou(a: Tensor, b: Tensor) -> Tensor:
 
 
 class CoLocalizationTask(L.LightningModule):
-    """The paper's co-localization: images of one class; a triplet hinge loss
-    ``max(0, |e(T I_n) - e(T I_m)|² - |e(T I_n) - e(R I_n)|² + margin)`` pulls the attended crops of
-    different images together and pushes a random crop ``R I_n`` of the same image away. Scored by
-    the share of sampling windows with IoU > 0.5 against the true digit frame (``val/accuracy``, %).
+    """The paper's co-localization: images of one class, and no labels or boxes in training.
+
+    Paper: an ST with an attention transform crops each image ``I_n``; with ``e()`` the first layers
+    of a CNN pre-trained for MNIST classification (fixed), the triplet hinge loss
+    ``sum_n sum_{m != n} max(0, |e(T I_n) - e(T I_m)|² - |e(T I_n) - e(R I_n)|² + margin)`` pulls
+    the crops of different images together and pushes each away from a random crop ``R I_n`` of the
+    same image. Scored by the share of windows with IoU > 0.5 against the digit's frame
+    (``val/accuracy``, %).
+
+    Here, with the same loss (all pairs ``m != n`` of the batch):
+
+    * pre-training: at the start of the first fit (:meth:`on_fit_start`), the model's encoder and
+      classifier are trained on plain 28x28 MNIST digits of all classes (``pretrain_digits`` of the
+      training set, ``pretrain_epochs`` of Adam at ``pretrain_lr``, batch ``pretrain_batch``,
+      shuffled with ``pretrain_seed``; a few seconds at one thread), then frozen. The digits come
+      from ``pretrain_data`` (an MNIST ``.npz`` or IDX folder, ``$STNREG_DATA``-relative), by
+      default the data module's ``data``; the classifier's error on the first 2,000 test digits
+      is kept in the ``pretrain_error`` buffer (%). The flag ``pretrained`` is a buffer too, so a
+      checkpoint restores the encoder and does not pre-train again. Only the localization network
+      is optimized afterwards.
+    * coarse to fine: the window's scale starts at ``start_scale`` (most of the image, so every
+      window holds its digit) and shrinks geometrically to ``crop / size`` over the first
+      ``anneal`` of the training steps; the random crops ``R I_n`` have the current scale. With
+      digit-sized windows from the start, windows that miss the digit get no gradient (the crop is
+      empty background whatever the shift), empty crops are all alike (zero pull term), and the
+      windows drift onto the background; started large, the windows keep their digit while they
+      shrink.
+    * evaluation uses digit-sized windows (:meth:`CoLocalizer.window`).
     """
 
     def __init__(
         self,
         size: int = 84,
         crop: int = 28,
-        embedding: int = 32,
         margin: float = 1.0,
+        start_scale: float = 0.9,
+        anneal: float = 0.75,
+        beta: float = 10.0,
+        loc_channels: list[int] | None = None,
+        enc_channels: list[int] | None = None,
+        pretrain_data: str | None = None,
+        pretrain_digits: int = 10_000,
+        pretrain_epochs: int = 1,
+        pretrain_lr: float = 1e-3,
+        pretrain_batch: int = 128,
+        pretrain_seed: int = 0,
         optimizer: str = "adam",
         lr: float = 1e-3,
         momentum: float = 0.9,
         weight_decay: float = 0.0,
-        loc_lr_scale: float = 1.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.model = CoLocalizer(size, crop, embedding)
+        kw = {k: v for k, v in {"loc_channels": loc_channels, "enc_channels": enc_channels}.items() if v is not None}
+        self.model = CoLocalizer(size, crop, beta=beta, **kw)
+        self.register_buffer("pretrained", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("pretrain_error", torch.tensor(float("nan")))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
 
-    def random_crops(self, x: Tensor) -> Tensor:
-        """Digit-sized crops at uniformly random places of ``x`` ``(N, 1, H, W)``."""
-        s = self.hparams.crop / self.hparams.size
+    # -- encoder pre-training -------------------------------------------------------------------
+
+    def pretrain(self, images: Tensor, labels: Tensor, test_images: Tensor | None = None, test_labels=None) -> float:
+        """Train the encoder + classifier on digits ``(N, 28, 28)`` uint8, then freeze them.
+
+        Returns the classification error (%) on ``test_images`` (NaN without them).
+        """
+        h, m, dev = self.hparams, self.model, self.device
+        x = torch.as_tensor(images)[:, None].to(dev)
+        y = torch.as_tensor(labels).long().to(dev)
+        params = list(m.encoder.parameters()) + list(m.classifier.parameters())
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.Adam(params, lr=h.pretrain_lr)
+        g = torch.Generator().manual_seed(h.pretrain_seed)
+        with torch.enable_grad():
+            for _ in range(h.pretrain_epochs):
+                order = torch.randperm(len(x), generator=g).to(dev)
+                for i in range(0, len(x), h.pretrain_batch):
+                    idx = order[i : i + h.pretrain_batch]
+                    loss = F.cross_entropy(m.pretrain_step(x[idx].float() / 255.0), y[idx])
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+        error = float("nan")
+        if test_images is not None:
+            with torch.no_grad():
+                xt = torch.as_tensor(test_images)[:, None].to(dev).float() / 255.0
+                pred = m.pretrain_step(xt).argmax(1).cpu()
+                error = 100.0 * float((pred != torch.as_tensor(test_labels).long()).float().mean())
+        self.freeze_encoder()
+        self.pretrained.fill_(True)
+        self.pretrain_error.fill_(error)
+        return error
+
+    def freeze_encoder(self) -> None:
+        for p in list(self.model.encoder.parameters()) + list(self.model.classifier.parameters()):
+            p.requires_grad_(False)
+
+    def on_fit_start(self) -> None:
+        if not bool(self.pretrained):
+            from ..learn.data import resolve_data_path
+            from .data import load_mnist
+
+            path = self.hparams.pretrain_data
+            if path is None:
+                dm = getattr(self.trainer, "datamodule", None)
+                path = getattr(getattr(dm, "hparams", {}), "data", None) if dm is not None else None
+                if path is None:
+                    raise ValueError("no pretrain_data given and the data module names no MNIST 'data'")
+            mnist = load_mnist(resolve_data_path(path))
+            n = self.hparams.pretrain_digits
+            self.pretrain(mnist["x_train"][:n], mnist["y_train"][:n], mnist["x_test"][:2000], mnist["y_test"][:2000])
+        self.freeze_encoder()
+
+    # -- co-localization --------------------------------------------------------------------------
+
+    def scale_at(self, step: int) -> float:
+        """The window scale at training step ``step`` (geometric from ``start_scale`` to ``crop / size``)."""
+        h = self.hparams
+        final = h.crop / h.size
+        total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
+        span = h.anneal * total
+        frac = 1.0 if span <= 0 else min(1.0, step / span)
+        start = max(h.start_scale, final)
+        return start * (final / start) ** frac
+
+    def random_crops(self, x: Tensor, scale: float | None = None) -> Tensor:
+        """Crops of ``x`` ``(N, 1, H, W)`` at uniformly random places (``scale`` default: digit-sized)."""
+        s = self.model.window_scale if scale is None else float(scale)
         n = x.shape[0]
-        t = (torch.rand(n, 2, device=x.device) * 2 - 1) * (1 - s)
-        att = Attention(2).with_params(torch.cat([torch.full((n, 1), s, device=x.device), t], 1))
-        c = self.hparams.crop
-        return sample(x, att.sampling_grid((c, c)).to(x.dtype), "linear", "zeros")
+        t = (torch.rand(n, 2, device=x.device, dtype=x.dtype) * 2 - 1) * (1 - s)
+        return self.model.sample_window(x, torch.cat([torch.full_like(t[:, :1], s), t], 1))
+
+    def triplet_loss(self, x: Tensor, scale: float | None = None) -> Tensor:
+        """The paper's loss, averaged over the ``N (N - 1)`` ordered pairs of the batch ``x``."""
+        e = self.model(x, scale)
+        with torch.no_grad():
+            neg = self.model.embed(self.random_crops(x, scale))
+        sq = e.pow(2).sum(1)
+        pos = (sq[:, None] + sq[None, :] - 2 * e @ e.T).clamp_min(0)
+        far = (e - neg).pow(2).sum(1)
+        hinge = F.relu(pos - far[:, None] + self.hparams.margin)
+        off = ~torch.eye(len(x), dtype=torch.bool, device=x.device)
+        return hinge[off].mean()
 
     def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
         x = batch[0].float() / 255.0
-        e = self(x)
-        pos = e.roll(1, 0)
-        neg = self.model.encoder(self.random_crops(x))
-        loss = F.relu((e - pos).pow(2).sum(1) - (e - neg).pow(2).sum(1) + self.hparams.margin).mean()
+        scale = self.scale_at(self.global_step)
+        loss = self.triplet_loss(x, scale)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(x))
+        self.log("train/scale", scale, batch_size=len(x))
         return loss
 
     def validation_step(self, batch: list[Tensor], batch_idx: int) -> None:
@@ -199,7 +310,18 @@ class CoLocalizationTask(L.LightningModule):
         self.validation_step(batch, batch_idx)
 
     def configure_optimizers(self):
-        return _optimizer(self, self.model.transformer)
+        """Only the localization network trains (the encoder is fixed); cosine decay as the other tasks."""
+        h = self.hparams
+        params = list(self.model.localization.parameters())
+        if h.optimizer == "sgd":
+            opt = torch.optim.SGD(params, lr=h.lr, momentum=h.momentum, weight_decay=h.weight_decay)
+        elif h.optimizer == "adam":
+            opt = torch.optim.Adam(params, lr=h.lr, weight_decay=h.weight_decay)
+        else:
+            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {h.optimizer!r}")
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
 class SVHNTask(_Supervised):

@@ -34,6 +34,9 @@ def _interpolate(field: Tensor, u: Tensor) -> Tensor:
     """Field ``(N, d, *shape)`` at field-normalized points ``u`` ``(N, ..., d)``, channels last."""
     d = u.shape[-1]
     lead = u.shape[:-1]
+    if u.dim() == d + 2:
+        # Already a d-dimensional lattice of points: sampled as such, the sampler's fast layout.
+        return _channels_last(sample(field, u.to(field.dtype), "linear", "border"))
     # The sampler wants a d-dimensional point lattice; any point layout is a (P, 1[, 1]) lattice.
     pts = u.reshape(u.shape[0], -1, *([1] * (d - 1)), d).to(field.dtype)
     out = sample(field, pts, "linear", "border")

@@ -1,0 +1,157 @@
+"""Numba kernels for the local normalized cross-correlation of 3D images, forward and gradient.
+
+Box filters (window means with zero padding, divided by the full window volume, as
+:func:`stnreg.losses.similarity._box_filter`) run as separable running sums with float64
+accumulators. The loss needs five of them (``a, b, a², b², ab``); its gradient with respect to
+``a`` three more, because the zero-padded box filter is its own adjoint:
+
+    ∂L/∂a = box(g_ma) + 2 a box(g_aa) + b box(g_ab)
+
+with ``g_*`` the derivatives of the loss with respect to the window statistics at each voxel.
+Volumes are ``(D, H, W)`` float arrays; threads split slices (x and y passes) or rows (z pass).
+"""
+
+from __future__ import annotations
+
+import numba as nb
+import numpy as np
+
+from .trilinear import FAST
+
+
+@nb.njit(parallel=True, **FAST)
+def _box_x(src, dst, r: int) -> None:  # pragma: no cover - compiled
+    d, h, w = src.shape
+    for z in nb.prange(d):
+        for y in range(h):
+            row, out = src[z, y], dst[z, y]
+            s = 0.0
+            for x in range(min(r, w)):
+                s += row[x]
+            for x in range(w):
+                if x + r < w:
+                    s += row[x + r]
+                if x - r - 1 >= 0:
+                    s -= row[x - r - 1]
+                out[x] = s
+
+
+@nb.njit(parallel=True, **FAST)
+def _box_y(src, dst, r: int) -> None:  # pragma: no cover - compiled
+    d, h, w = src.shape
+    for z in nb.prange(d):
+        acc = np.zeros(w)
+        for y in range(min(r, h)):
+            acc += src[z, y]
+        for y in range(h):
+            if y + r < h:
+                acc += src[z, y + r]
+            if y - r - 1 >= 0:
+                acc -= src[z, y - r - 1]
+            dst[z, y] = acc
+
+
+@nb.njit(parallel=True, **FAST)
+def _box_z(src, dst, r: int) -> None:  # pragma: no cover - compiled
+    d, h, w = src.shape
+    for y in nb.prange(h):
+        acc = np.zeros(w)
+        for z in range(min(r, d)):
+            acc += src[z, y]
+        for z in range(d):
+            if z + r < d:
+                acc += src[z + r, y]
+            if z - r - 1 >= 0:
+                acc -= src[z - r - 1, y]
+            dst[z, y] = acc
+
+
+def box3d(x: np.ndarray, window: tuple[int, int, int], out: np.ndarray, tmp: np.ndarray) -> None:
+    """``out`` = window mean of ``x`` ``(D, H, W)``, odd ``window`` in array order, zero padding."""
+    kz, ky, kx = window
+    _box_x(x, tmp, kx // 2)
+    _box_y(tmp, out, ky // 2)
+    _box_z(out, tmp, kz // 2)
+    np.multiply(tmp, 1.0 / (kx * ky * kz), out=out)
+
+
+@nb.njit(parallel=True, **FAST)
+def _products(a, b, aa, bb, ab) -> None:  # pragma: no cover - compiled
+    d = a.shape[0]
+    for z in nb.prange(d):
+        ar, br = a[z], b[z]
+        aa[z] = ar * ar
+        bb[z] = br * br
+        ab[z] = ar * br
+
+
+@nb.njit(parallel=True, **FAST)
+def _cc_terms(ma, mb, aa, bb, ab, weight, eps, partial) -> None:  # pragma: no cover - compiled
+    """Local ``cc`` summed with ``weight`` (``(D, H, W)``, or ``(1, 1, 1)`` for a constant) per slice
+    into ``partial``; the statistics arrays are overwritten with ``g_ma, g_aa, g_ab``, the
+    derivatives of ``-Σ weight · cc`` with respect to them."""
+    d, h, w = ma.shape
+    # A (1, 1, 1) weight stands for a uniform one: no volume of ones to allocate and read.
+    full = weight.shape[0] > 1 or weight.shape[1] > 1 or weight.shape[2] > 1
+    w0 = weight[0, 0, 0]
+    for z in nb.prange(d):
+        s = 0.0
+        for y in range(h):
+            for x in range(w):
+                m_a, m_b = ma[z, y, x], mb[z, y, x]
+                cross = ab[z, y, x] - m_a * m_b
+                va = aa[z, y, x] - m_a * m_a
+                vb = bb[z, y, x] - m_b * m_b
+                pos_a = va > 0.0
+                va = va if pos_a else 0.0
+                vb = vb if vb > 0.0 else 0.0
+                den = va * vb + eps
+                cc = cross * cross / den
+                wgt = weight[z, y, x] if full else w0
+                g_ab = 0.0
+                g_aa = 0.0
+                if cc <= 1.0:
+                    s += wgt * cc
+                    g_ab = -wgt * 2.0 * cross / den
+                    g_aa = wgt * cross * cross * vb / (den * den) if pos_a else 0.0
+                else:
+                    s += wgt
+                ab[z, y, x] = g_ab
+                aa[z, y, x] = g_aa
+                ma[z, y, x] = -g_ab * m_b - 2.0 * g_aa * m_a
+        partial[z] = s
+
+
+@nb.njit(parallel=True, **FAST)
+def _combine(a, b, g_ma, g_aa, g_ab, out) -> None:  # pragma: no cover - compiled
+    for z in nb.prange(a.shape[0]):
+        out[z] = g_ma[z] + 2.0 * a[z] * g_aa[z] + b[z] * g_ab[z]
+
+
+def lncc_forward(a: np.ndarray, b: np.ndarray, weight: np.ndarray, window: tuple[int, int, int], eps: float):
+    """``Σ weight · cc`` of one channel ``(D, H, W)`` and the three derivative maps (float64)."""
+    shape = a.shape
+    ma, mb, aa, bb, ab, tmp = (np.empty(shape) for _ in range(6))
+    box3d(a, window, ma, tmp)
+    box3d(b, window, mb, tmp)
+    sq_a, sq_b, prod = np.empty(shape), np.empty(shape), np.empty(shape)
+    _products(a, b, sq_a, sq_b, prod)
+    box3d(sq_a, window, aa, tmp)
+    box3d(sq_b, window, bb, tmp)
+    box3d(prod, window, ab, tmp)
+    partial = np.zeros(shape[0])
+    _cc_terms(ma, mb, aa, bb, ab, weight, eps, partial)
+    return partial.sum(), (ma, aa, ab)
+
+
+def lncc_grad(a: np.ndarray, b: np.ndarray, terms, window: tuple[int, int, int]) -> np.ndarray:
+    """``∂(-Σ weight · cc)/∂a`` for one channel from :func:`lncc_forward`'s derivative maps."""
+    tmp = np.empty(a.shape)
+    boxed = []
+    for g in terms:
+        out = np.empty(a.shape)
+        box3d(g, window, out, tmp)
+        boxed.append(out)
+    grad = np.empty(a.shape)
+    _combine(a, b, boxed[0], boxed[1], boxed[2], grad)
+    return grad
