@@ -173,6 +173,23 @@ def checked3d(flat, d: int, h: int, w: int, rx: float, ry: float, rz: float, bor
 @nb.njit(**INLINE)
 def scatter3d(gflat, d: int, h: int, w: int, rx: float, ry: float, rz: float, border: bool, g: float) -> None:
     """Add ``g`` times the trilinear weights at a position into ``gflat`` (the image gradient)."""
+    if 0.0 <= rx < w - 1.0 and 0.0 <= ry < h - 1.0 and 0.0 <= rz < d - 1.0:
+        # Interior: eight unchecked adds (the common case, twice as fast as the checked loops).
+        ix, iy, iz = np.uintp(rx), np.uintp(ry), np.uintp(rz)
+        fx, fy, fz = rx - ix, ry - iy, rz - iz
+        one, uw, uhw = np.uintp(1), np.uintp(w), np.uintp(h * w)
+        base = iz * uhw + iy * uw + ix
+        g0, g1 = g * (1.0 - fz), g * fz
+        g00, g01, g10, g11 = g0 * (1.0 - fy), g0 * fy, g1 * (1.0 - fy), g1 * fy
+        gflat[base] += g00 * (1.0 - fx)
+        gflat[base + one] += g00 * fx
+        gflat[base + uw] += g01 * (1.0 - fx)
+        gflat[base + uw + one] += g01 * fx
+        gflat[base + uhw] += g10 * (1.0 - fx)
+        gflat[base + uhw + one] += g10 * fx
+        gflat[base + uhw + uw] += g11 * (1.0 - fx)
+        gflat[base + uhw + uw + one] += g11 * fx
+        return
     if border:
         rx = min(max(rx, 0.0), w - 1.0)
         ry = min(max(ry, 0.0), h - 1.0)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..coords import Grid, apply_affine, index_to_normalized_matrix
@@ -116,11 +117,11 @@ class Displacement(ParametricTransform):
         """``(d, d)`` map from point-space vector units to field-normalized units."""
         return self.domain[: self.ndim, : self.ndim].to(self._dtype())
 
-    def _is_own_lattice(self, index_to_domain: Tensor, shape: Sequence[int]) -> bool:
-        if tuple(shape) != self.shape:
-            return False
-        own = index_to_normalized_matrix(self.shape, device=index_to_domain.device)
-        return bool(torch.allclose(self.domain.to(index_to_domain.device) @ index_to_domain, own, atol=1e-9))
+    def _shares_frame(self, index_to_domain: Tensor, shape: Sequence[int]) -> bool:
+        """Whether a lattice of ``shape`` covers the field's own extent: its voxel centres are
+        ``lattice(shape)`` in the field's normalized coordinates (a resampled copy of its grid)."""
+        frame = index_to_normalized_matrix(tuple(shape), device=index_to_domain.device)
+        return bool(torch.allclose(self.domain.to(index_to_domain.device) @ index_to_domain, frame, atol=1e-9))
 
     def forward(self, points: Tensor) -> Tensor:
         self._check_points(points)
@@ -129,9 +130,15 @@ class Displacement(ParametricTransform):
 
     def mapped_lattice(self, out: Sequence[int] | Grid) -> Tensor:
         pts, index_to_domain = output_lattice(out, self._dtype(), self._device())
-        if self._is_own_lattice(index_to_domain, pts.shape[1:-1]):
-            # On its own lattice the field needs no interpolation: identity is exact.
-            return pts + _channels_last(self.field())
+        shape = tuple(pts.shape[1:-1])
+        if self._shares_frame(index_to_domain, shape):
+            field = self.field()
+            if shape != self.shape:
+                # The same points the sampler would read (voxel centres, border clamped), by the
+                # separable resize: measured faster than gathering, backward included, in 3D.
+                mode = "bilinear" if self.ndim == 2 else "trilinear"
+                field = F.interpolate(field, size=shape, mode=mode, align_corners=False)
+            return pts + _channels_last(field)
         return self(pts)
 
     def compose(self, other: Transform) -> Transform:
