@@ -136,7 +136,21 @@ class RegistrationResult:
     settings: dict[str, Any]
     history: list[dict[str, Any]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
-    metrics: dict[str, Any] = field(default_factory=dict)
+    label_maps: tuple[Image | None, Image | None, list[int]] = (None, None, [])
+    _metrics: dict[str, Any] | None = field(default=None, repr=False)
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        """Similarity before/after, Dice and HD95 when ``label_maps`` are given, Jacobian statistics.
+
+        Computed on first access (seconds on a 3D brain), so a registration that nobody scores does
+        not pay for it; see :func:`stnreg.report.evaluate`.
+        """
+        if self._metrics is None:
+            from .report import evaluate
+
+            self._metrics = evaluate(self, *self.label_maps)
+        return self._metrics
 
     def displacement(self) -> Tensor:
         """Total displacement ``T(x) - x`` ``(d, *fixed_shape)`` in mm, ``(x, y, z)`` components."""
@@ -570,7 +584,6 @@ def register_many(
         "seed": seed,
         "batch_size": n,
     }
-    from .report import evaluate
 
     results = []
     for i in range(n):
@@ -594,7 +607,7 @@ def register_many(
             timings=dict(timings, total_s=time.perf_counter() - t_start),
         )
         lm, lf = label_maps[i] if label_maps[i] else (None, None)
-        res.metrics = evaluate(res, lm, lf, label_ids[i])
+        res.label_maps = (lm, lf, label_ids[i])
         results.append(res)
     return results
 

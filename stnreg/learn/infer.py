@@ -90,7 +90,6 @@ def register_with_model(
         ``timings`` with ``inference_s`` and ``refine_s``.
     """
     from ..register import RegistrationResult, _load, _load_labels
-    from ..report import evaluate
 
     t0 = time.perf_counter()
     task = model if isinstance(model, RegistrationTask) else load_task(model)
@@ -177,5 +176,5 @@ def register_with_model(
     )
     maps, ids = _load_labels(None if labels is None else [labels], [mov], [fix])
     lm, lf = maps[0] if maps[0] else (None, None)
-    result.metrics = evaluate(result, lm, lf, ids[0])
+    result.label_maps = (lm, lf, ids[0])
     return result
