@@ -218,11 +218,11 @@ def test_colocalization_trains_and_scores(tmp_path):
 
 
 def test_triplet_loss_prefers_windows_on_the_digit(data_dir):
-    """With the pre-trained fixed encoder, the paper's loss is lower on the digit than beside it or off it."""
+    """With the pre-trained fixed encoder, the paper's loss is lower on the digits than beside them or off them."""
     mnist = load_mnist(data_dir / "mnist" / "mnist.npz")
     L.seed_everything(0)
     task = CoLocalizationTask()
-    task.pretrain(mnist["x_train"][:3000], mnist["y_train"][:3000])
+    task.pretrain(mnist["x_train"][:10_000], mnist["y_train"][:10_000])
     keep = mnist["y_test"] == 7
     v = make_variant("coloc-T", mnist["x_test"][keep][:128], mnist["y_test"][keep][:128], seed=0)
     x = v.images.float() / 255
@@ -238,7 +238,9 @@ def test_triplet_loss_prefers_windows_on_the_digit(data_dir):
         return float(hinge[~torch.eye(len(x), dtype=torch.bool)].mean())
 
     with torch.no_grad():
-        on, beside = loss_at(0.0), loss_at(torch.tensor([12 / 42, 0.0]))
+        # 12 px off the digit in a random direction per image, as an untrained localizer would be.
+        angle = torch.rand(len(x), generator=torch.Generator().manual_seed(0)) * 2 * torch.pi
+        on, beside = loss_at(0.0), loss_at(torch.stack([angle.cos(), angle.sin()], 1) * 12 / 42)
         empty = float(task.triplet_loss(torch.zeros_like(x)))
     assert on < beside - 0.3 and on < empty - 0.3
 
@@ -304,6 +306,20 @@ def test_unknown_names_are_rejected():
         STClassifier("st-cnn", transform="spline")
     with pytest.raises(ValueError, match="unknown experiment"):
         MNISTVariants("XYZ")
+    with pytest.raises(ValueError, match="pairings"):
+        MNISTVariants("RTS", pairings=2)
+
+
+def test_addition_pairings_repair_the_same_digits(tmp_path):
+    x, y = _digits(40)
+    np.savez(tmp_path / "m.npz", x_train=x, y_train=y, x_test=x[:8], y_test=y[:8])
+    dm = MNISTVariants("addition", str(tmp_path / "m.npz"), pairings=3)
+    dm.setup()
+    images, labels = dm.train_set.tensors
+    assert images.shape == (120, 2, 42, 42) and len(dm.test_set) == 8
+    # Each pairing keeps the first digits (label = first + partner) but draws new partners and distortions.
+    assert not torch.equal(images[:40], images[40:80])
+    assert (labels.view(3, 40) >= torch.as_tensor(y)).all()
 
 
 def _write_digit_struct(folder, samples):

@@ -1,10 +1,22 @@
-"""Fast paths behind the public warp API, chosen automatically when they apply.
+"""Fast paths behind the public API, chosen automatically when they apply (3D, CPU, float).
 
-:func:`fused_affine_warp` samples an image through a matrix transform with the coordinates made
-on the fly (no grid tensor) and returns the transform's gradient directly in the backward pass.
-It runs numba kernels on the CPU; elsewhere (or with ``STNREG_FAST=0``, or without numba) the
-reference ``affine_grid`` + ``grid_sample`` path runs, after a one-line notice the first time.
-The two agree to float32 rounding (see ``tests/test_fast.py``).
+- :func:`fused_affine_warp` (used by :func:`stnreg.warp` for matrix transforms): the coordinates
+  are made on the fly from θ (no grid tensor) and the backward returns ``∂L/∂θ`` directly, the
+  image gradient only when the image needs one.
+- :func:`fused_affine_loss` (used by :func:`stnreg.register` for matrix stages with MSE/NCC):
+  warp, similarity and the 12-parameter gradient in one pass, no warped image.
+- :func:`fast_sample` (used by :func:`stnreg.sample`, so by every dense, B-spline and TPS warp):
+  trilinear sampling at given coordinates; for a one-channel image the forward keeps
+  ``∂out/∂coords`` so the backward is a product, not a second gather pass.
+- :func:`fast_lncc` (used by :func:`stnreg.losses.lncc_loss`): box filters by running sums and the
+  loss's gradient in closed form, instead of autograd through cumulative sums.
+
+All run numba kernels (compiled on first use and cached on disk); elsewhere (CUDA, 2D, reflection
+padding), with ``STNREG_FAST=0``, or without numba, the reference torch path runs, after a one-line
+notice the first time numba is missing. Fast and reference paths agree to float32 rounding,
+gradients included (``tests/test_fast.py``). Results are deterministic: threads split output
+slices that each write their own outputs, partial sums are added in a fixed order, and the
+scatters of image gradients run on one thread, so 1 and 2 threads give the same bits.
 """
 
 from __future__ import annotations

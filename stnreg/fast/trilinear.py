@@ -215,4 +215,3 @@ def scatter3d(gflat, d: int, h: int, w: int, rx: float, ry: float, rz: float, bo
                 if xx < 0 or xx >= w:
                     continue
                 gflat[(zz * h + yy) * w + xx] += g * wz * wy * (fx if i else 1.0 - fx)
-

@@ -23,6 +23,9 @@ class MNISTVariants(L.LightningDataModule):
         train_size, test_size: use the first ``n`` digits (``None``: all).
         digit: keep only this class (co-localization trains one class at a time).
         seed: generation seed.
+        pairings: ``addition`` only: the training set holds this many pairings of the training
+            digits (new partners and distortions each, seeds ``seed + 1000 k``). On one fixed set
+            of 60k pairs the classifiers memorize the pairs and stay at chance on the test set.
     """
 
     def __init__(
@@ -35,23 +38,28 @@ class MNISTVariants(L.LightningDataModule):
         seed: int = 0,
         batch_size: int = 256,
         num_workers: int = 0,
+        pairings: int = 1,
     ) -> None:
         super().__init__()
         if experiment not in EXPERIMENTS:
             raise ValueError(f"unknown experiment {experiment!r}; choose from {', '.join(EXPERIMENTS)}")
+        if pairings < 1 or (pairings > 1 and experiment != "addition"):
+            raise ValueError(f"pairings must be 1, or more for the addition experiment (got {pairings})")
         self.save_hyperparameters()
         self.train_set: TensorDataset | None = None
         self.test_set: TensorDataset | None = None
 
-    def _make(self, x, y, size: int | None, seed: int) -> TensorDataset:
+    def _make(self, x, y, size: int | None, seed: int, pairings: int = 1) -> TensorDataset:
         h = self.hparams
         if h.digit is not None:
             keep = y == h.digit
             x, y = x[keep], y[keep]
         if size is not None:
             x, y = x[:size], y[:size]
-        v = make_variant(h.experiment, x, y, seed)
-        parts = [v.images, v.labels] + ([v.boxes] if v.boxes is not None else [])
+        vs = [make_variant(h.experiment, x, y, seed + 1000 * k) for k in range(pairings)]
+        parts = [torch.cat([v.images for v in vs]), torch.cat([v.labels for v in vs])]
+        if vs[0].boxes is not None:
+            parts.append(torch.cat([v.boxes for v in vs]))
         return TensorDataset(*parts)
 
     def setup(self, stage: str | None = None) -> None:
@@ -59,7 +67,7 @@ class MNISTVariants(L.LightningDataModule):
             return
         h = self.hparams
         mnist = load_mnist(resolve_data_path(h.data))
-        self.train_set = self._make(mnist["x_train"], mnist["y_train"], h.train_size, h.seed)
+        self.train_set = self._make(mnist["x_train"], mnist["y_train"], h.train_size, h.seed, h.pairings)
         self.test_set = self._make(mnist["x_test"], mnist["y_test"], h.test_size, h.seed + 1)
 
     def train_dataloader(self) -> DataLoader:
