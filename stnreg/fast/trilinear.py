@@ -116,6 +116,17 @@ def moments(s, wgt: float, gx: float, gy: float, gz: float, ux: float):
 
 
 @nb.njit(**INLINE)
+def _corner(corner: int, x0: int, y0: int, z0: int, fx: float, fy: float, fz: float, d: int, h: int, w: int):
+    """Corner ``corner`` (bits: x, y, z) of the cell at ``(x0, y0, z0)``: its flat index (-1 when
+    outside the image) and its three 1D interpolation weights."""
+    i, j, k = corner & 1, (corner >> 1) & 1, corner >> 2
+    xx, yy, zz = x0 + i, y0 + j, z0 + k
+    if xx < 0 or xx >= w or yy < 0 or yy >= h or zz < 0 or zz >= d:
+        return -1, 0.0, 0.0, 0.0
+    return (zz * h + yy) * w + xx, (fx if i else 1.0 - fx), (fy if j else 1.0 - fy), (fz if k else 1.0 - fz)
+
+
+@nb.njit(**INLINE)
 def checked3d(flat, d: int, h: int, w: int, rx: float, ry: float, rz: float, border: bool):
     """As :func:`interior3d` anywhere, with zero or border padding.
 
@@ -134,39 +145,22 @@ def checked3d(flat, d: int, h: int, w: int, rx: float, ry: float, rz: float, bor
         if not 0.0 < rz < d - 1.0:
             sz = 0.0
             rz = min(max(rz, 0.0), d - 1.0)
-    x0 = math.floor(rx)
-    y0 = math.floor(ry)
-    z0 = math.floor(rz)
-    fx = rx - x0
-    fy = ry - y0
-    fz = rz - z0
+    x0, y0, z0 = math.floor(rx), math.floor(ry), math.floor(rz)
+    fx, fy, fz = rx - x0, ry - y0, rz - z0
     v = 0.0
     gx = 0.0
     gy = 0.0
     gz = 0.0
-    for k in range(2):
-        zz = z0 + k
-        if zz < 0 or zz >= d:
+    for corner in range(8):
+        idx, wx, wy, wz = _corner(corner, x0, y0, z0, fx, fy, fz, d, h, w)
+        if idx < 0:
             continue
-        wz = fz if k else 1.0 - fz
-        dz = 1.0 if k else -1.0
-        for j in range(2):
-            yy = y0 + j
-            if yy < 0 or yy >= h:
-                continue
-            wy = fy if j else 1.0 - fy
-            dy = 1.0 if j else -1.0
-            for i in range(2):
-                xx = x0 + i
-                if xx < 0 or xx >= w:
-                    continue
-                wx = fx if i else 1.0 - fx
-                dx = 1.0 if i else -1.0
-                q = flat[(zz * h + yy) * w + xx]
-                v += wx * wy * wz * q
-                gx += q * dx * wy * wz
-                gy += q * wx * dy * wz
-                gz += q * wx * wy * dz
+        q = flat[idx]
+        v += wx * wy * wz * q
+        # d(weight)/d(position) is +1 for the upper corner of an axis, -1 for the lower.
+        gx += q * (1.0 if corner & 1 else -1.0) * wy * wz
+        gy += q * wx * (1.0 if corner & 2 else -1.0) * wz
+        gz += q * wx * wy * (1.0 if corner & 4 else -1.0)
     return v, gx * sx, gy * sy, gz * sz
 
 
@@ -194,24 +188,8 @@ def scatter3d(gflat, d: int, h: int, w: int, rx: float, ry: float, rz: float, bo
         rx = min(max(rx, 0.0), w - 1.0)
         ry = min(max(ry, 0.0), h - 1.0)
         rz = min(max(rz, 0.0), d - 1.0)
-    x0 = math.floor(rx)
-    y0 = math.floor(ry)
-    z0 = math.floor(rz)
-    fx = rx - x0
-    fy = ry - y0
-    fz = rz - z0
-    for k in range(2):
-        zz = z0 + k
-        if zz < 0 or zz >= d:
-            continue
-        wz = fz if k else 1.0 - fz
-        for j in range(2):
-            yy = y0 + j
-            if yy < 0 or yy >= h:
-                continue
-            wy = fy if j else 1.0 - fy
-            for i in range(2):
-                xx = x0 + i
-                if xx < 0 or xx >= w:
-                    continue
-                gflat[(zz * h + yy) * w + xx] += g * wz * wy * (fx if i else 1.0 - fx)
+    x0, y0, z0 = math.floor(rx), math.floor(ry), math.floor(rz)
+    for corner in range(8):
+        idx, wx, wy, wz = _corner(corner, x0, y0, z0, rx - x0, ry - y0, rz - z0, d, h, w)
+        if idx >= 0:
+            gflat[idx] += g * wx * wy * wz
