@@ -127,13 +127,15 @@ class _FusedAffine(torch.autograd.Function):
                 fn(go.shape[0], go.shape[2], *args)
             grad_theta = partial.sum(1).to(ctx.theta_dtype)
         if ctx.needs_input_grad[0]:
-            gimg = torch.zeros(img.shape, dtype=torch.float64)
+            # Accumulated in the image's dtype, as grid_sample does: a float64 buffer and copies
+            # of the output gradient doubled the backward's peak memory.
+            gimg = torch.zeros(img.shape, dtype=img.dtype)
             if d == 2:
-                _kernels()["affine2d_grad_image"](th.numpy(), go.double().numpy(), gimg.numpy(), ctx.border)
+                _kernels()["affine2d_grad_image"](th.numpy(), go.numpy(), gimg.numpy(), ctx.border)
             else:
-                args = (th.numpy(), go.double().numpy(), _flat(gimg).numpy(), *img.shape[2:], ctx.border)
+                args = (th.numpy(), go.numpy(), _flat(gimg).numpy(), *img.shape[2:], ctx.border)
                 _kernels()["affine3d_grad_image"](*args)
-            grad_img = gimg.to(img.dtype)
+            grad_img = gimg
         return grad_img, grad_theta, None, None
 
 
@@ -261,10 +263,9 @@ class _FastSample(torch.autograd.Function):
                 args = (_flat(img).numpy(), xyz.numpy(), go.numpy(), grad_xyz.numpy(), *img.shape[2:], ctx.border)
                 _kernel("field3d_grad_coords")(go.shape[0], go.shape[2], *args)
         if ctx.needs_input_grad[0]:
-            gimg = torch.zeros(img.shape, dtype=torch.float64)
+            grad_img = torch.zeros(img.shape, dtype=img.dtype)
             shape = tuple(int(s) for s in img.shape[2:])
-            _kernels()["field3d_grad_image"](shape, xyz.numpy(), go.double().numpy(), _flat(gimg).numpy(), ctx.border)
-            grad_img = gimg.to(img.dtype)
+            _kernels()["field3d_grad_image"](shape, xyz.numpy(), go.numpy(), _flat(grad_img).numpy(), ctx.border)
         return grad_img, grad_xyz, None
 
 
