@@ -14,9 +14,9 @@ transforms through ``sitk.TransformToDisplacementField``), and one code path mea
 % folded voxels (``det J <= 0``, central differences) and landmark errors for all of them. Labels
 move with stnreg's label interpolation for every method. Runtime is wall time of the
 registration call; peak memory is the growth of the process's peak RSS during that call. All
-methods run on one thread.
+methods run on the same number of threads (``--threads``, default 1).
 
-    python benchmarks/pairwise.py [--cases slices2d,prostate,mrus,brain] [--pairs 4] [--quick]
+    python benchmarks/pairwise.py [--cases slices2d,prostate,mrus,brain] [--pairs 4] [--quick] [--threads 1]
 
 Writes ``benchmarks/results/pairwise.md`` and ``.json``.
 """
@@ -322,8 +322,12 @@ def main() -> None:
     ap.add_argument("--methods", default=None, help="comma-separated subset of method names")
     ap.add_argument("--quick", action="store_true", help="skip the slow B-spline baseline")
     ap.add_argument("--out", default="pairwise")
+    ap.add_argument("--threads", type=int, default=1, help="threads for every method (torch/numba, ITK)")
     args = ap.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
+    # ANTs is imported below (methods()) and reads this when it loads; SimpleITK is told directly.
+    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(args.threads)
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
     table = methods(args.quick)
     if args.methods:
         keep = [m.strip() for m in args.methods.split(",")]
@@ -363,7 +367,7 @@ def main() -> None:
         "peak_mib",
     ]
     head = (
-        f"# Pairwise registration benchmark (CPU, 1 thread, torch {torch.__version__})\n\n"
+        f"# Pairwise registration benchmark (CPU, {args.threads} thread(s), torch {torch.__version__})\n\n"
         "Same run, same scoring for every method (see the docstring of `benchmarks/pairwise.py`). "
         "Dice/HD95 (mm) on the gland (prostate, MR->US) or the 30 structures (brain); landmark_mm: "
         "distance of landmark centroids; disp_err_mm: mean error of the recovered displacement "
