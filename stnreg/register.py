@@ -501,7 +501,8 @@ def register_many(
     fused = fused and fast_available(m_int, "border")
     for si, stage in enumerate(stages):
         t_stage = time.perf_counter()
-        family = _make_stage_transform(stage, fgrid, center.float(), voxel).to(dev)
+        levels = _levels(stage, fgrid.shape)
+        family = _make_stage_transform(stage, fgrid, center.float(), voxel, levels[0][0]).to(dev)
         scale = _scale_for(family, extent, voxel).to(dev, torch.float32)
         init_params = family.identity_params(n).to(dev)
         raw = torch.zeros_like(init_params, requires_grad=True)
@@ -511,7 +512,7 @@ def register_many(
         for name in weights:
             if name not in REGULARIZERS:
                 raise ValueError(f"unknown regularizer {name!r}; choose from {', '.join(REGULARIZERS)}")
-        for factor, iterations in _levels(stage, fgrid.shape):
+        for factor, iterations in levels:
             if isinstance(family, Displacement):
                 family, raw, scale, init_params = _refine_field(family, raw, stage, fgrid, center, voxel, factor, n)
             f_l, fgrid_l = pyramids["fixed"](factor)

@@ -8,7 +8,7 @@ accumulators. The loss needs five of them (``a, b, a², b², ab``); its gradient
     ∂L/∂a = box(g_ma) + 2 a box(g_aa) + b box(g_ab)
 
 with ``g_*`` the derivatives of the loss with respect to the window statistics at each voxel.
-Volumes are ``(D, H, W)`` float arrays; threads split slices (x and y passes) or rows (z pass).
+Volumes are ``(D, H, W)`` float arrays; threads split the outer axis of each pass.
 """
 
 from __future__ import annotations
@@ -51,27 +51,13 @@ def _box_y(src, dst, r: int) -> None:  # pragma: no cover - compiled
             dst[z, y] = acc
 
 
-@nb.njit(parallel=True, **FAST)
-def _box_z(src, dst, r: int) -> None:  # pragma: no cover - compiled
-    d, h, w = src.shape
-    for y in nb.prange(h):
-        acc = np.zeros(w)
-        for z in range(min(r, d)):
-            acc += src[z, y]
-        for z in range(d):
-            if z + r < d:
-                acc += src[z + r, y]
-            if z - r - 1 >= 0:
-                acc -= src[z - r - 1, y]
-            dst[z, y] = acc
-
-
 def box3d(x: np.ndarray, window: tuple[int, int, int], out: np.ndarray, tmp: np.ndarray) -> None:
     """``out`` = window mean of ``x`` ``(D, H, W)``, odd ``window`` in array order, zero padding."""
     kz, ky, kx = window
     _box_x(x, tmp, kx // 2)
     _box_y(tmp, out, ky // 2)
-    _box_z(out, tmp, kz // 2)
+    # The z pass is the y pass on the (H, D, W) view: rows along x stay contiguous.
+    _box_y(out.transpose(1, 0, 2), tmp.transpose(1, 0, 2), kz // 2)
     np.multiply(tmp, 1.0 / (kx * ky * kz), out=out)
 
 

@@ -20,12 +20,19 @@ from .models import CoLocalizer, STClassifier
 __all__ = ["CUBTask", "ClassificationTask", "CoLocalizationTask", "SVHNTask", "box_iou"]
 
 
-def _optimizer(module: L.LightningModule, transformer: torch.nn.Module | None):
+def _split_groups(module: L.LightningModule, transformer: torch.nn.Module | None) -> list[dict]:
+    """The transformer's parameters at ``lr * loc_lr_scale``, everything else at ``lr``."""
     h = module.hparams
     st = set() if transformer is None else {id(p) for p in transformer.parameters()}
     groups = [{"params": [p for p in module.parameters() if id(p) not in st], "lr": h.lr}]
     if st:
         groups.append({"params": list(transformer.parameters()), "lr": h.lr * h.loc_lr_scale})
+    return groups
+
+
+def _optimizer(module: L.LightningModule, groups: list[dict]):
+    """The task's optimizer (``sgd`` or ``adam``) over ``groups``, with a per-step cosine decay."""
+    h = module.hparams
     if h.optimizer == "sgd":
         opt = torch.optim.SGD(groups, lr=h.lr, momentum=h.momentum, weight_decay=h.weight_decay)
     elif h.optimizer == "adam":
@@ -65,7 +72,7 @@ class _Supervised(L.LightningModule):
         self._step(batch, "test")
 
     def configure_optimizers(self):
-        return _optimizer(self, self._transformer())
+        return _optimizer(self, _split_groups(self, self._transformer()))
 
 
 class ClassificationTask(_Supervised):
@@ -311,17 +318,7 @@ class CoLocalizationTask(L.LightningModule):
 
     def configure_optimizers(self):
         """Only the localization network trains (the encoder is fixed); cosine decay as the other tasks."""
-        h = self.hparams
-        params = list(self.model.localization.parameters())
-        if h.optimizer == "sgd":
-            opt = torch.optim.SGD(params, lr=h.lr, momentum=h.momentum, weight_decay=h.weight_decay)
-        elif h.optimizer == "adam":
-            opt = torch.optim.Adam(params, lr=h.lr, weight_decay=h.weight_decay)
-        else:
-            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {h.optimizer!r}")
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return _optimizer(self, [{"params": list(self.model.localization.parameters()), "lr": self.hparams.lr}])
 
 
 class SVHNTask(_Supervised):
