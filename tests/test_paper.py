@@ -306,20 +306,48 @@ def test_unknown_names_are_rejected():
         STClassifier("st-cnn", transform="spline")
     with pytest.raises(ValueError, match="unknown experiment"):
         MNISTVariants("XYZ")
-    with pytest.raises(ValueError, match="pairings"):
-        MNISTVariants("RTS", pairings=2)
 
 
-def test_addition_pairings_repair_the_same_digits(tmp_path):
+def test_fresh_training_sets_change_every_epoch(tmp_path):
     x, y = _digits(40)
     np.savez(tmp_path / "m.npz", x_train=x, y_train=y, x_test=x[:8], y_test=y[:8])
-    dm = MNISTVariants("addition", str(tmp_path / "m.npz"), pairings=3)
+    dm = MNISTVariants("addition", str(tmp_path / "m.npz"), batch_size=16)
     dm.setup()
-    images, labels = dm.train_set.tensors
-    assert images.shape == (120, 2, 42, 42) and len(dm.test_set) == 8
-    # Each pairing keeps the first digits (label = first + partner) but draws new partners and distortions.
-    assert not torch.equal(images[:40], images[40:80])
-    assert (labels.view(3, 40) >= torch.as_tensor(y)).all()
+    assert len(dm.train_dataloader()) == 2
+    epochs = []
+    for e in range(3):
+        dm._epoch = lambda e=e: e
+        batches = list(dm.train_dataloader())
+        assert [b[0].shape for b in batches] == [(16, 2, 42, 42)] * 2
+        epochs.append(torch.cat([b[0] for b in batches]))
+        labels = torch.cat([b[1] for b in batches])
+        assert ((labels >= 0) & (labels <= 18)).all()
+    # Epoch 0 is train_set (shuffled); later epochs draw new partners and distortions.
+    first = {bytes(im.numpy().tobytes()) for im in dm.train_set.tensors[0]}
+    assert {bytes(im.numpy().tobytes()) for im in epochs[0]} <= first
+    assert not any(bytes(im.numpy().tobytes()) in first for im in epochs[1])
+    assert not torch.equal(epochs[1], epochs[2])
+    # Deterministic: the same epoch gives the same batches again.
+    dm._epoch = lambda: 1
+    assert torch.equal(torch.cat([b[0] for b in dm.train_dataloader()]), epochs[1])
+    fixed = MNISTVariants("addition", str(tmp_path / "m.npz"), batch_size=16, fresh=False)
+    fixed.setup()
+    assert torch.equal(fixed.draw_train(5).tensors[0], fixed.train_set.tensors[0])
+
+
+def test_projective_views_never_fold_or_mirror():
+    from scipy import ndimage
+
+    from stnreg.paper.data import _convex
+
+    square = torch.tensor([[[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]]], dtype=torch.float64)
+    assert _convex(square).item() and not _convex(square[:, [0, 2, 1, 3]]).item()
+    # A bright full frame maps to one convex quadrilateral; a copy mirrored through the horizon
+    # (canvas points with w <= 0) would be a second blob.
+    frame = np.full((2000, 28, 28), 255, np.uint8)
+    v = make_variant("P", frame, np.zeros(2000, np.int64), seed=3)
+    blobs = [ndimage.label(im[0].numpy() > 0, np.ones((3, 3)))[1] for im in v.images]
+    assert max(blobs) == 1
 
 
 def _write_digit_struct(folder, samples):

@@ -160,16 +160,33 @@ def _homography(src: Tensor, dst: Tensor) -> Tensor:
     return torch.cat([h, torch.ones(n, 1, dtype=h.dtype)], 1).reshape(n, 3, 3)
 
 
+def _convex(quad: Tensor) -> Tensor:
+    """Whether quadrilaterals ``(N, 4, 2)`` (corners in order) are strictly convex and counter-clockwise."""
+    edge = quad.roll(-1, 1) - quad
+    nxt = edge.roll(-1, 1)
+    return (edge[..., 0] * nxt[..., 1] - edge[..., 1] * nxt[..., 0] > 0).all(1)
+
+
 def _projective(digits: Tensor, g: torch.Generator) -> Tensor:
     n = digits.shape[0]
     s = _uniform(g, n, 0.75, 1.0)
     corners = torch.tensor([[-14.0, -14.0], [14.0, -14.0], [14.0, 14.0], [-14.0, 14.0]], dtype=torch.float64)
     moved = corners * s[:, None, None] + 5.0 * torch.randn(n, 4, 2, generator=g, dtype=torch.float64)
+    # A folded quadrilateral (about 1% of draws) is no view of a plane: draw its corners again.
+    bad = ~_convex(moved)
+    while bad.any():
+        noise = torch.randn(int(bad.sum()), 4, 2, generator=g, dtype=torch.float64)
+        moved[bad] = corners * s[bad, None, None] + 5.0 * noise
+        bad = ~_convex(moved)
     h = _homography(moved, corners.expand(n, 4, 2))  # canvas -> digit
     pts = _canvas_points(28, n)
     hom = torch.cat([pts, torch.ones(*pts.shape[:-1], 1, dtype=pts.dtype)], -1)
     mapped = torch.einsum("nij,nhwj->nhwi", h, hom)
-    return _sample(digits, mapped[..., :2] / mapped[..., 2:])
+    # Canvas points with w <= 0 lie beyond the digit plane's horizon (about 12% of the draws reach
+    # into the canvas): they see nothing, rather than a mirrored copy of the digit.
+    w = mapped[..., 2:]
+    visible = (w > 0).to(torch.float32)[:, None, :, :, 0]
+    return _sample(digits, mapped[..., :2] / torch.where(w > 0, w, 1.0)) * visible
 
 
 def _elastic(digits: Tensor, g: torch.Generator) -> Tensor:

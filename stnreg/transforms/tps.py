@@ -35,7 +35,11 @@ def tps_kernel(sq_dist: Tensor, ndim: int) -> Tensor:
 
 def _sq_dist(a: Tensor, b: Tensor) -> Tensor:
     """Squared distances ``(..., P, K)`` between points ``(..., P, d)`` and ``(K, d)``."""
-    return (a.unsqueeze(-2) - b).square().sum(-1)
+    # One axis at a time: never materializes the (..., P, K, d) differences.
+    out = (a[..., :1] - b[:, 0]).square()
+    for i in range(1, b.shape[1]):
+        out += (a[..., i : i + 1] - b[:, i]).square()
+    return out
 
 
 def uniform_control_points(shape: Sequence[int], extent: float = 1.0) -> Tensor:
@@ -115,6 +119,8 @@ class ThinPlateSpline(ParametricTransform):
         coef = self.coefficients().to(points.dtype)
         flat = points.reshape(points.shape[0], -1, d)
         cp = self.control_points.to(points.dtype)
-        basis = tps_kernel(_sq_dist(flat, cp), d)
+        # Points shared by the batch (an expanded grid, as the STN's sampling grid) need one basis.
+        shared = flat.shape[0] > 1 and flat.stride(0) == 0
+        basis = tps_kernel(_sq_dist(flat[:1] if shared else flat, cp), d)
         disp = basis @ coef[:, :k] + coef[:, k : k + 1] + flat @ coef[:, k + 1 :]
         return (flat + disp).reshape((disp.shape[0], *points.shape[1:]))
