@@ -160,32 +160,72 @@ def _make_loss_slice(ncc: bool):
     return nb.njit(**FAST)(loss_slice)
 
 
-def over_slices(slice_fn):
-    """A kernel running ``slice_fn(b, z, *args)`` for every item and output slice: ``(threaded, serial)``.
+# Drivers run ``slice_fn(b, z, *args)`` for every item ``b`` and output slice ``z``. Each slice writes
+# its own outputs, so the threaded driver needs no locks and gives the same bits as the serial one;
+# the slice functions are compiled apart from the ``prange`` loop, which keeps numba's parallel array
+# analysis out of the gather code. Every driver is its own module-level function: numba's disk cache
+# keys a closure on its pickled cells, and a pickled dispatcher differs in every process (closures
+# were compiled again by every process, ~0.4 s each), and one function jitted both with and without
+# ``parallel`` shares one cache entry (the serial build was handed to the threaded kernel).
 
-    Each slice writes its own outputs, so the threaded kernel needs no locks and gives the same
-    bits as the serial one. The slice functions are compiled apart from the ``prange`` loop, which
-    keeps numba's parallel array analysis out of the gather code.
-    """
 
-    # Two functions, not one compiled twice: numba's disk cache keys on the function, not on
-    # ``parallel``, and handed the serial build to the threaded kernel (measured: no speed-up).
-    def run_threaded(n_b, od, *args):  # pragma: no cover - compiled
-        for task in nb.prange(n_b * od):
-            slice_fn(task // od, task % od, *args)
+@nb.njit(parallel=True, **FAST)
+def _forward_threaded(n_b, od, *args):  # pragma: no cover - compiled
+    for task in nb.prange(n_b * od):
+        _forward_slice(task // od, task % od, *args)
 
-    def run_serial(n_b, od, *args):  # pragma: no cover - compiled
-        for task in range(n_b * od):
-            slice_fn(task // od, task % od, *args)
 
-    return nb.njit(parallel=True, **FAST)(run_threaded), nb.njit(**FAST)(run_serial)
+@nb.njit(**FAST)
+def _forward_serial(n_b, od, *args):  # pragma: no cover - compiled
+    for task in range(n_b * od):
+        _forward_slice(task // od, task % od, *args)
+
+
+@nb.njit(parallel=True, **FAST)
+def _grad_theta_threaded(n_b, od, *args):  # pragma: no cover - compiled
+    for task in nb.prange(n_b * od):
+        _grad_theta_slice(task // od, task % od, *args)
+
+
+@nb.njit(**FAST)
+def _grad_theta_serial(n_b, od, *args):  # pragma: no cover - compiled
+    for task in range(n_b * od):
+        _grad_theta_slice(task // od, task % od, *args)
+
+
+_mse_slice = _make_loss_slice(False)
+_ncc_slice = _make_loss_slice(True)
+
+
+@nb.njit(parallel=True, **FAST)
+def _mse_threaded(n_b, od, *args):  # pragma: no cover - compiled
+    for task in nb.prange(n_b * od):
+        _mse_slice(task // od, task % od, *args)
+
+
+@nb.njit(**FAST)
+def _mse_serial(n_b, od, *args):  # pragma: no cover - compiled
+    for task in range(n_b * od):
+        _mse_slice(task // od, task % od, *args)
+
+
+@nb.njit(parallel=True, **FAST)
+def _ncc_threaded(n_b, od, *args):  # pragma: no cover - compiled
+    for task in nb.prange(n_b * od):
+        _ncc_slice(task // od, task % od, *args)
+
+
+@nb.njit(**FAST)
+def _ncc_serial(n_b, od, *args):  # pragma: no cover - compiled
+    for task in range(n_b * od):
+        _ncc_slice(task // od, task % od, *args)
 
 
 _KERNELS3D = {
-    "affine3d_forward": over_slices(_forward_slice),
-    "affine3d_grad_theta": over_slices(_grad_theta_slice),
-    "affine3d_mse": over_slices(_make_loss_slice(False)),
-    "affine3d_ncc": over_slices(_make_loss_slice(True)),
+    "affine3d_forward": (_forward_threaded, _forward_serial),
+    "affine3d_grad_theta": (_grad_theta_threaded, _grad_theta_serial),
+    "affine3d_mse": (_mse_threaded, _mse_serial),
+    "affine3d_ncc": (_ncc_threaded, _ncc_serial),
 }
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import numba as nb
 
-from .affine_cpu import over_slices
 from .trilinear import FAST, INLINE, checked3d, interior3d, interior3d_value, scatter3d
 
 
@@ -111,9 +110,60 @@ def grad_image(img_shape_dhw, coords, gout, gimg, border):  # pragma: no cover -
                         scatter3d(flat, d, h, w, rx, ry, rz, border, gorow[x])
 
 
+# Drivers as in affine_cpu (module-level, so numba's disk cache finds them in the next process).
+
+
+@nb.njit(parallel=True, **FAST)
+def _forward_threaded(n_b, od, *args):  # pragma: no cover - compiled
+    for task in nb.prange(n_b * od):
+        _forward_slice(task // od, task % od, *args)
+
+
+@nb.njit(**FAST)
+def _forward_serial(n_b, od, *args):  # pragma: no cover - compiled
+    for task in range(n_b * od):
+        _forward_slice(task // od, task % od, *args)
+
+
+@nb.njit(parallel=True, **FAST)
+def _grad_coords_threaded(n_b, od, *args):  # pragma: no cover - compiled
+    for task in nb.prange(n_b * od):
+        _grad_coords_slice(task // od, task % od, *args)
+
+
+@nb.njit(**FAST)
+def _grad_coords_serial(n_b, od, *args):  # pragma: no cover - compiled
+    for task in range(n_b * od):
+        _grad_coords_slice(task // od, task % od, *args)
+
+
+@nb.njit(parallel=True, **FAST)
+def _forward_grad_threaded(n_b, od, *args):  # pragma: no cover - compiled
+    for task in nb.prange(n_b * od):
+        _forward_grad_slice(task // od, task % od, *args)
+
+
+@nb.njit(**FAST)
+def _forward_grad_serial(n_b, od, *args):  # pragma: no cover - compiled
+    for task in range(n_b * od):
+        _forward_grad_slice(task // od, task % od, *args)
+
+
+@nb.njit(parallel=True, **FAST)
+def _chain_threaded(n_b, od, *args):  # pragma: no cover - compiled
+    for task in nb.prange(n_b * od):
+        _chain_slice(task // od, task % od, *args)
+
+
+@nb.njit(**FAST)
+def _chain_serial(n_b, od, *args):  # pragma: no cover - compiled
+    for task in range(n_b * od):
+        _chain_slice(task // od, task % od, *args)
+
+
 KERNELS = {
-    "field3d_forward": over_slices(_forward_slice),
-    "field3d_grad_coords": over_slices(_grad_coords_slice),
-    "field3d_forward_grad": over_slices(_forward_grad_slice),
-    "field3d_chain": over_slices(_chain_slice),
+    "field3d_forward": (_forward_threaded, _forward_serial),
+    "field3d_grad_coords": (_grad_coords_threaded, _grad_coords_serial),
+    "field3d_forward_grad": (_forward_grad_threaded, _forward_grad_serial),
+    "field3d_chain": (_chain_threaded, _chain_serial),
 }
