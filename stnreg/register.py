@@ -217,18 +217,39 @@ def _intensities(moving: Image, fixed: Image, joint: bool) -> tuple[Tensor, Tens
     return tuple(((x - lo) / (hi - lo)).clamp(0, 1).unsqueeze(0) for x, (lo, hi) in ((m, rm), (f, rf)))
 
 
-def _center_of_mass(img: Tensor, grid: Grid) -> Tensor:
-    """Intensity-weighted world centroid ``(d,)`` of a ``(1, 1, *spatial)`` image."""
-    w = img[0, 0].double().flatten()
-    pts = grid.points("world", torch.float64).reshape(-1, grid.ndim)
-    return (w.unsqueeze(1) * pts).sum(0) / w.sum()
+def _world_moments(img: Tensor, grid: Grid) -> tuple[Tensor, Tensor]:
+    """Intensity-weighted world centroid ``(d,)`` and covariance ``(d, d)`` (mm²) of a ``(1, 1, *spatial)`` image.
+
+    Computed in index space from marginal sums (one- and two-axis), then mapped to world by the
+    grid's affine (centroid ``A c + o``, covariance ``A C Aᵀ``): no per-voxel array of world points.
+    """
+    w = img[0, 0].double()
+    d = w.dim()
+    total = w.sum()
+    # Array axis a holds index component d - 1 - a (points are (x, y, z) ordered).
+    ranges = [torch.arange(n, dtype=torch.float64, device=w.device) for n in w.shape]
+    mean = torch.zeros(d, dtype=torch.float64, device=w.device)
+    for a in range(d):
+        marginal = w.sum(dim=[o for o in range(d) if o != a]) if d > 1 else w
+        mean[d - 1 - a] = (marginal * ranges[a]).sum() / total
+    centred = [ranges[a] - mean[d - 1 - a] for a in range(d)]
+    cov = torch.zeros(d, d, dtype=torch.float64, device=w.device)
+    for a in range(d):
+        for b in range(a, d):
+            rest = [o for o in range(d) if o not in (a, b)]
+            marginal = w.sum(dim=rest) if rest else w
+            if a == b:
+                value = (marginal * centred[a].square()).sum()
+            else:
+                value = (marginal * centred[a][:, None] * centred[b][None, :]).sum()
+            cov[d - 1 - a, d - 1 - b] = cov[d - 1 - b, d - 1 - a] = value / total
+    m = grid.index_to_world(device=w.device)
+    lin = m[:d, :d]
+    return lin @ mean + m[:d, d], lin @ cov @ lin.T
 
 
-def _moments(img: Tensor, grid: Grid, center: Tensor) -> Tensor:
-    """Principal axes (columns, descending variance) of the intensity distribution."""
-    w = img[0, 0].double().flatten()
-    pts = grid.points("world", torch.float64).reshape(-1, grid.ndim) - center
-    cov = (pts * w.unsqueeze(1)).T @ pts / w.sum()
+def _principal_axes(cov: Tensor) -> Tensor:
+    """Principal axes (columns, descending variance) of a covariance ``(d, d)``."""
     _, vecs = torch.linalg.eigh(cov)
     return vecs.flip(1)
 
@@ -236,7 +257,7 @@ def _moments(img: Tensor, grid: Grid, center: Tensor) -> Tensor:
 def _initial_matrix(fixed: Tensor, fgrid: Grid, moving: Tensor, mgrid: Grid, init: str) -> tuple[Tensor, Tensor]:
     """Homogeneous initial map (fixed -> moving world) and the fixed centre of mass."""
     d = fgrid.ndim
-    cf, cm = _center_of_mass(fixed, fgrid), _center_of_mass(moving, mgrid)
+    (cf, cov_f), (cm, cov_m) = _world_moments(fixed, fgrid), _world_moments(moving, mgrid)
     m = torch.eye(d + 1, dtype=torch.float64)
     if init == "none":
         return m, cf
@@ -244,7 +265,7 @@ def _initial_matrix(fixed: Tensor, fgrid: Grid, moving: Tensor, mgrid: Grid, ini
         raise ValueError(f"init must be 'com', 'moments' or 'none', got {init!r}")
     rot = torch.eye(d, dtype=torch.float64)
     if init == "moments":
-        vf, vm = _moments(fixed, fgrid, cf), _moments(moving, mgrid, cm)
+        vf, vm = _principal_axes(cov_f), _principal_axes(cov_m)
         # Eigenvector signs are arbitrary: pick those that keep the rotation closest to the identity.
         vm = vm * torch.sign((vm * vf).sum(0)).clamp(min=-1, max=1).masked_fill((vm * vf).sum(0) == 0, 1)
         rot = vm @ vf.T

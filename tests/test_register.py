@@ -208,3 +208,22 @@ def test_saved_transforms_reproduce_with_ants(tmp_path):
     theirs = warped.numpy().transpose(2, 1, 0)  # ANTs arrays are x, y, z
     rng = float(moving.data.max() - moving.data.min())
     assert np.abs(theirs - r.warped.data[0].numpy()).mean() < 0.01 * rng
+
+
+@pytest.mark.parametrize("shape", [(7, 9), (5, 6, 8)])
+def test_world_moments_match_the_per_voxel_definition(shape):
+    from stnreg.register import _world_moments
+
+    torch.manual_seed(0)
+    d = len(shape)
+    q, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64))
+    spacing = tuple(float(x) for x in torch.rand(d) + 0.5)
+    grid = Grid(shape, spacing=spacing, origin=tuple(float(x) for x in torch.randn(d)), direction=q.tolist())
+    img = torch.rand(1, 1, *shape)
+    centre, cov = _world_moments(img, grid)
+    w = img[0, 0].double().flatten()
+    pts = grid.points("world", torch.float64).reshape(-1, d)
+    expected = (w[:, None] * pts).sum(0) / w.sum()
+    rel = pts - expected
+    torch.testing.assert_close(centre, expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(cov, (rel * w[:, None]).T @ rel / w.sum(), rtol=0, atol=1e-12)
