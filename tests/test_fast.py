@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 import stnreg
-from stnreg.fast import fast_available, fused_affine_warp
+from stnreg.fast import fast_available, fast_lncc, fused_affine_warp
 
 pytestmark = pytest.mark.skipif(not fast_available(torch.zeros(1), "zeros"), reason="numba kernels unavailable")
 
@@ -183,3 +183,27 @@ def test_fast_lncc_matches_autograd(monkeypatch, masked, dtype):
     torch.testing.assert_close(ours, ref, atol=tol, rtol=tol)
     torch.testing.assert_close(g_ours, g_ref, atol=tol * 1e-3, rtol=1e-5)
     assert g_ref.abs().max() > 1e-4  # the comparison is not between zeros
+
+
+def test_fast_lncc_keeps_fixed_statistics_only_while_the_fixed_image_is_unchanged(monkeypatch):
+    from stnreg.losses import lncc_loss
+
+    g = torch.Generator().manual_seed(7)
+    a = torch.rand(2, 1, 10, 11, 12, generator=g)
+    b = torch.rand(2, 1, 10, 11, 12, generator=g)
+
+    def ref(x, y, window):
+        monkeypatch.setenv("STNREG_FAST", "0")
+        out = lncc_loss(x, y, window)
+        monkeypatch.delenv("STNREG_FAST")
+        return out
+
+    first = lncc_loss(a, b, (3, 3, 3))
+    assert fast_lncc(a, b, (3, 3, 3)) == first  # served from the kept statistics
+    torch.testing.assert_close(first, ref(a, b, (3, 3, 3)))
+    b[1].mul_(0.5).add_(torch.rand(1, 10, 11, 12, generator=g))  # in place: a new version
+    torch.testing.assert_close(lncc_loss(a, b, (3, 3, 3)), ref(a, b, (3, 3, 3)))
+    torch.testing.assert_close(lncc_loss(a, b, (5, 3, 3)), ref(a, b, (5, 3, 3)))
+    other = b.clone()
+    other[0].fill_(0.25)  # another tensor with partly the same content
+    torch.testing.assert_close(lncc_loss(a, other, (5, 3, 3)), ref(a, other, (5, 3, 3)))

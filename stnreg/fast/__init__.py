@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import sys
+import weakref
 
 import numpy as np
 import torch
@@ -51,7 +52,7 @@ def _kernels():
             _KERNELS = {**affine_cpu.KERNELS, **field_cpu.KERNELS, "field3d_grad_image": field_cpu.grad_image}
             _KERNELS["affine2d_grad_image"] = affine_cpu.affine2d_grad_image
             _KERNELS["affine3d_grad_image"] = affine_cpu.affine3d_grad_image
-            _KERNELS["lncc"] = (lncc_cpu.lncc_forward, lncc_cpu.lncc_grad)
+            _KERNELS["lncc"] = (lncc_cpu.lncc_forward, lncc_cpu.lncc_grad, lncc_cpu.fixed_stats)
         except Exception as err:  # numba missing, or an unsupported platform
             _KERNELS = False
             if not _NOTICE_GIVEN:
@@ -294,11 +295,38 @@ def _item(x: Tensor, i: int, ch: int) -> np.ndarray:
     return x[i if x.shape[0] > 1 else 0, ch].numpy()
 
 
+class _FixedStats:
+    """The window means of the last fixed image seen by :func:`fast_lncc`, per item and channel.
+
+    A registration calls the loss with the same fixed tensor at every iteration; its ``box(b)``
+    and ``box(b²)`` (two of the five box filters of the forward) are kept until another tensor, a
+    modified one (its version counter), or another window comes. The tensor is held by a weak
+    reference, so the cache never keeps an image alive.
+    """
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.ref = None
+        self.stats: list = []
+
+    def get(self, b: Tensor, window: tuple[int, int, int], compute) -> list:
+        key = (b._version, tuple(b.shape), b.dtype, window)
+        if self.ref is None or self.ref() is not b or self.key != key:
+            b_ = b.detach().contiguous()
+            self.stats = [compute(_item(b_, i, ch), window) for i in range(b.shape[0]) for ch in range(b.shape[1])]
+            self.key, self.ref = key, weakref.ref(b)
+        return self.stats
+
+
+_FIXED_STATS = _FixedStats()
+
+
 class _FastLNCC(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a: Tensor, b: Tensor, weight: Tensor | None, window: tuple[int, int, int], eps: float) -> Tensor:
-        fwd, _ = _kernels()["lncc"]
+        fwd, _, stats_fn = _kernels()["lncc"]
         a_, b_ = a.detach().contiguous(), b.detach().contiguous()
+        b_stats = _FIXED_STATS.get(b, window, stats_fn)
         w_ = None if weight is None else weight.detach().double().contiguous()
         n, c = max(a.shape[0], b.shape[0]), a.shape[1]
         values, terms, totals = [], [], []
@@ -308,7 +336,8 @@ class _FastLNCC(torch.autograd.Function):
             totals.append(c * max(float(a_[0, 0].numel()) if w_ is None else float(w_i.sum()), 1e-8))
             s = 0.0
             for ch in range(c):
-                value, t = fwd(_item(a_, i, ch), _item(b_, i, ch), w_i, window, eps)
+                stats = b_stats[(i if b.shape[0] > 1 else 0) * b.shape[1] + ch]
+                value, t = fwd(_item(a_, i, ch), _item(b_, i, ch), w_i, window, eps, stats)
                 s += value
                 terms.append(t)
             values.append(1.0 - s / totals[-1])
@@ -318,7 +347,7 @@ class _FastLNCC(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        _, grad_fn = _kernels()["lncc"]
+        _, grad_fn, _ = _kernels()["lncc"]
         a_, b_ = ctx.saved_tensors
         c = a_.shape[1]
         grad = torch.empty((ctx.n, c, *a_.shape[2:]), dtype=torch.float64)

@@ -62,20 +62,19 @@ def box3d(x: np.ndarray, window: tuple[int, int, int], out: np.ndarray, tmp: np.
 
 
 @nb.njit(parallel=True, **FAST)
-def _products(a, b, aa, bb, ab) -> None:  # pragma: no cover - compiled
+def _products(a, b, aa, ab) -> None:  # pragma: no cover - compiled
     d = a.shape[0]
     for z in nb.prange(d):
         ar, br = a[z], b[z]
         aa[z] = ar * ar
-        bb[z] = br * br
         ab[z] = ar * br
 
 
 @nb.njit(parallel=True, **FAST)
 def _cc_terms(ma, mb, aa, bb, ab, weight, eps, partial) -> None:  # pragma: no cover - compiled
     """Local ``cc`` summed with ``weight`` (``(D, H, W)``, or ``(1, 1, 1)`` for a constant) per slice
-    into ``partial``; the statistics arrays are overwritten with ``g_ma, g_aa, g_ab``, the
-    derivatives of ``-Σ weight · cc`` with respect to them."""
+    into ``partial``; ``ma, aa, ab`` are overwritten with ``g_ma, g_aa, g_ab``, the derivatives of
+    ``-Σ weight · cc`` with respect to them (``mb`` and ``bb`` are only read, so they can be kept)."""
     d, h, w = ma.shape
     # A (1, 1, 1) weight stands for a uniform one: no volume of ones to allocate and read.
     full = weight.shape[0] > 1 or weight.shape[1] > 1 or weight.shape[2] > 1
@@ -114,16 +113,35 @@ def _combine(a, b, g_ma, g_aa, g_ab, out) -> None:  # pragma: no cover - compile
         out[z] = g_ma[z] + 2.0 * a[z] * g_aa[z] + b[z] * g_ab[z]
 
 
-def lncc_forward(a: np.ndarray, b: np.ndarray, weight: np.ndarray, window: tuple[int, int, int], eps: float):
-    """``Σ weight · cc`` of one channel ``(D, H, W)`` and the three derivative maps (float64)."""
-    shape = a.shape
-    ma, mb, aa, bb, ab, tmp = (np.empty(shape) for _ in range(6))
-    box3d(a, window, ma, tmp)
+def fixed_stats(b: np.ndarray, window: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Window means ``box(b)`` and ``box(b²)`` of one channel ``(D, H, W)`` (float64)."""
+    mb, bb, sq, tmp = (np.empty(b.shape) for _ in range(4))
     box3d(b, window, mb, tmp)
-    sq_a, sq_b, prod = np.empty(shape), np.empty(shape), np.empty(shape)
-    _products(a, b, sq_a, sq_b, prod)
+    np.multiply(b, b, out=sq, dtype=np.float64)
+    box3d(sq, window, bb, tmp)
+    return mb, bb
+
+
+def lncc_forward(
+    a: np.ndarray,
+    b: np.ndarray,
+    weight: np.ndarray,
+    window: tuple[int, int, int],
+    eps: float,
+    b_stats: tuple[np.ndarray, np.ndarray] | None = None,
+):
+    """``Σ weight · cc`` of one channel ``(D, H, W)`` and the three derivative maps (float64).
+
+    ``b_stats``: :func:`fixed_stats` of ``b`` when the caller keeps them (``b`` is the fixed image
+    of a registration: its two window means are the same at every iteration).
+    """
+    shape = a.shape
+    mb, bb = fixed_stats(b, window) if b_stats is None else b_stats
+    ma, aa, ab, tmp = (np.empty(shape) for _ in range(4))
+    box3d(a, window, ma, tmp)
+    sq_a, prod = np.empty(shape), np.empty(shape)
+    _products(a, b, sq_a, prod)
     box3d(sq_a, window, aa, tmp)
-    box3d(sq_b, window, bb, tmp)
     box3d(prod, window, ab, tmp)
     partial = np.zeros(shape[0])
     _cc_terms(ma, mb, aa, bb, ab, weight, eps, partial)
