@@ -332,3 +332,19 @@ def test_field_on_a_resampled_copy_of_its_grid_matches_pointwise_evaluation(shap
         fast = t.mapped_lattice(grid)
         pointwise = t(grid.points("world").unsqueeze(0).float())
         torch.testing.assert_close(fast, pointwise, atol=1e-4, rtol=1e-5)
+
+
+def test_composite_sampling_grid_folds_the_source_map_into_the_matrices():
+    g = torch.Generator().manual_seed(3)
+    fixed = stnreg.Grid((6, 7, 8), spacing=(1.5, 1.0, 2.0), origin=(-40.0, 120.0, 7.0))
+    source = stnreg.Grid((5, 9, 6), spacing=(2.0, 1.2, 1.1), origin=(-35.0, 118.0, 5.0))
+    theta = torch.eye(3, 4).unsqueeze(0) + 0.05 * torch.randn(1, 3, 4, generator=g)
+    field = Displacement.for_grid(fixed)
+    field = field.with_params(torch.randn(1, 3, 6, 7, 8, generator=g).requires_grad_())
+    comp = Composite([Affine(3).with_params(theta.requires_grad_()), field])
+    folded = comp.sampling_grid(fixed, source)
+    pts = fixed.points("world").unsqueeze(0)
+    expected = stnreg.coords.apply_affine(source.world_to_normalized(), comp(pts))
+    torch.testing.assert_close(folded, expected, atol=1e-5, rtol=1e-5)
+    folded.square().sum().backward()
+    assert theta.grad is not None and field.params.grad.abs().sum() > 0
