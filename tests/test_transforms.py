@@ -348,3 +348,17 @@ def test_composite_sampling_grid_folds_the_source_map_into_the_matrices():
     torch.testing.assert_close(folded, expected, atol=1e-5, rtol=1e-5)
     folded.square().sum().backward()
     assert theta.grad is not None and field.params.grad.abs().sum() > 0
+
+
+def test_scaling_and_squaring_in_normalized_units_equals_composing_in_field_units():
+    from stnreg.transforms.dense import compose_fields, scaling_and_squaring
+
+    g = torch.Generator().manual_seed(4)
+    v = torch.randn(2, 3, 7, 8, 9, generator=g, dtype=torch.float64) * 3.0
+    q, _ = torch.linalg.qr(torch.randn(3, 3, generator=g, dtype=torch.float64))
+    vmap = q @ torch.diag(torch.tensor([0.05, 0.08, 0.1], dtype=torch.float64))  # mm -> normalized, oblique
+    u = v / 2**6
+    for _ in range(6):
+        u = compose_fields(u, u, vmap)
+    torch.testing.assert_close(scaling_and_squaring(v, 6, vmap), u, atol=1e-10, rtol=1e-10)
+    assert u.abs().max() > 0.5  # large enough that the compositions matter

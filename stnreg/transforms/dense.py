@@ -58,18 +58,36 @@ def compose_fields(first: Tensor, second: Tensor, vector_map: Tensor) -> Tensor:
     return first + _channels_first(_interpolate(second, u))
 
 
+def _map_vectors(field: Tensor, matrix: Tensor) -> Tensor:
+    """``matrix`` ``(d, d)`` applied to every vector of ``field`` ``(N, d, *shape)``, channels first.
+
+    Written as sums of scaled channels: a batched ``(…, 3) @ (3, 3)`` matmul over a lattice was
+    measured several times slower on CPU than the nine channel operations.
+    """
+    m = matrix.to(field.dtype)
+    d = field.shape[1]
+    return torch.stack([sum(m[i, j] * field[:, j] for j in range(d)) for i in range(d)], 1)
+
+
 def scaling_and_squaring(velocity: Tensor, steps: int, vector_map: Tensor) -> Tensor:
     """``exp(v)`` as a displacement: ``u = v / 2^steps``, then ``steps`` times ``u <- u + u(x + u)``.
+
+    The squarings run in the lattice's normalized units (``vector_map`` applied once before and
+    its inverse once after), where a composition needs no change of units: the same map as
+    composing in field units, with two vector maps instead of one per step.
 
     Args:
         velocity: ``(N, d, *shape)``.
         steps: number of squarings (7 is VoxelMorph's default; more is smoother for large fields).
         vector_map: ``(d, d)`` linear map from field units to the lattice's normalized units.
     """
-    u = velocity / (2**steps)
+    m = vector_map.to(velocity.dtype)
+    eye = torch.eye(m.shape[0], dtype=m.dtype, device=m.device)
+    grid = _cached_lattice(tuple(velocity.shape[2:]), velocity.dtype, velocity.device)
+    u = _map_vectors(velocity, m / (2**steps))
     for _ in range(steps):
-        u = compose_fields(u, u, vector_map)
-    return u
+        u = u + _channels_first(_interpolate(u, grid + _channels_last(u)))
+    return u if torch.equal(m, eye) else _map_vectors(u, torch.linalg.inv(m))
 
 
 class Displacement(ParametricTransform):
