@@ -227,6 +227,11 @@ def fused_affine_loss(
     return _FusedAffineLoss.apply(image, fixed, theta, loss, padding == "border")
 
 
+# Multi-channel samples (fields sampled by fields in scaling and squaring) keep ∂out/∂coords, 3C
+# values per output voxel, up to this many elements (64 MiB in float32); one channel always does.
+_KEEP_DERIVATIVE_MAX = 2**24
+
+
 class _FastSample(torch.autograd.Function):
     @staticmethod
     def forward(ctx, image: Tensor, coords: Tensor, border: bool) -> Tensor:
@@ -240,9 +245,9 @@ class _FastSample(torch.autograd.Function):
         out = torch.empty((n, c, *xyz.shape[1:4]), dtype=img.dtype)
         dims = (*img.shape[2:], border)
         dv = None
-        if ctx.needs_input_grad[1] and c == 1:
+        if ctx.needs_input_grad[1] and (c == 1 or out.numel() * 3 <= _KEEP_DERIVATIVE_MAX):
             # One pass that keeps ∂out/∂coords: the backward needs no second gather.
-            dv = torch.empty_like(xyz)
+            dv = torch.empty((*xyz.shape[:-1], c, 3), dtype=xyz.dtype)
             args = (_flat(img).numpy(), xyz.numpy(), out.numpy(), dv.numpy(), *dims)
             _kernel("field3d_forward_grad")(n, out.shape[2], *args)
         else:
