@@ -60,6 +60,7 @@ def _register_one(args: argparse.Namespace, moving: str, fixed: str, labels: lis
             init=args.init,
             device=args.device,
             progress=not args.quiet,
+            tol=args.tol,
         )
     except (ImageReadError, ValueError) as err:
         raise CliError(str(err)) from None
@@ -152,6 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--dice-weight", type=float, default=0.0, help="weight of a Dice loss on --labels")
     reg.add_argument("--mask", help="fixed-space mask restricting the similarity")
     reg.add_argument("--init", default="com", choices=["com", "moments", "none"])
+    reg.add_argument(
+        "--tol",
+        type=float,
+        default=1e-3,
+        help="stop a level when 10 iterations gain less than this (relative); 0: never",
+    )
     reg.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     reg.add_argument("--model", help="a trained registration checkpoint (stnreg fit): one forward pass")
     reg.add_argument("--refine", type=int, default=0, help="with --model: N steps of instance optimization after it")

@@ -227,3 +227,29 @@ def test_world_moments_match_the_per_voxel_definition(shape):
     rel = pts - expected
     torch.testing.assert_close(centre, expected, rtol=0, atol=1e-12)
     torch.testing.assert_close(cov, (rel * w[:, None]).T @ rel / w.sum(), rtol=0, atol=1e-12)
+
+
+def test_tol_stops_a_level_once_its_best_loss_stalls():
+    from collections import Counter
+
+    from stnreg.register import PATIENCE
+
+    grid = Grid((48, 48))
+    fixed = Image(smooth_image((48, 48), seed=5, dtype=torch.float32)[0], grid)
+    moving = Image(torch.roll(fixed.data, 2, -1), grid)
+    stages = [Stage("affine", shrink=(2, 1), iterations=(60, 60))]
+    every = register(moving, fixed, stages, loss="mse", progress=False, device="cpu", tol=0.0)
+    assert Counter(h["level"] for h in every.history) == {2: 60, 1: 60}
+    stopped = register(moving, fixed, stages, loss="mse", progress=False, device="cpu", tol=1e-3)
+    per_level = Counter(h["level"] for h in stopped.history)
+    assert min(per_level.values()) < 60, per_level
+    for level, n in per_level.items():
+        best = np.minimum.accumulate([h["loss"] for h in stopped.history if h["level"] == level])
+        gains = (best[:-PATIENCE] - best[PATIENCE:]) / np.abs(best[PATIENCE:])
+        if n < 60:
+            # Stopped at the first iteration whose best loss gained less than tol over PATIENCE iterations.
+            assert np.argmax(gains < 1e-3) + PATIENCE == n - 1
+        else:
+            assert (gains >= 1e-3).all()
+    with pytest.raises(ValueError, match="tol"):
+        register(moving, fixed, "affine", progress=False, tol=-1.0)
