@@ -355,15 +355,17 @@ class _FastLNCC(torch.autograd.Function):
         _, grad_fn, _ = _kernels()["lncc"]
         a_, b_ = ctx.saved_tensors
         c = a_.shape[1]
-        grad = torch.empty((ctx.n, c, *a_.shape[2:]), dtype=torch.float64)
+        grad = torch.empty((ctx.n, c, *a_.shape[2:]), dtype=a_.dtype)
         scale = float(grad_out) / ctx.n
         for i in range(ctx.n):
             for ch in range(c):
-                g = grad_fn(_item(a_, i, ch), _item(b_, i, ch), ctx.terms[i * c + ch], ctx.window)
-                grad[i, ch] = torch.from_numpy(g).mul_(scale / ctx.totals[i])
+                out = grad[i, ch].numpy()
+                grad_fn(
+                    _item(a_, i, ch), _item(b_, i, ch), ctx.terms[i * c + ch], ctx.window, scale / ctx.totals[i], out
+                )
         if a_.shape[0] == 1 and ctx.n > 1:
             grad = grad.sum(0, keepdim=True)
-        return grad.to(a_.dtype), None, None, None, None
+        return grad, None, None, None, None
 
 
 def fast_lncc(

@@ -37,7 +37,7 @@ def _box_x(src, dst, r: int) -> None:  # pragma: no cover - compiled
 
 
 @nb.njit(parallel=True, **FAST)
-def _box_y(src, dst, r: int) -> None:  # pragma: no cover - compiled
+def _box_y(src, dst, r: int, scale: float) -> None:  # pragma: no cover - compiled
     d, h, w = src.shape
     for z in nb.prange(d):
         acc = np.zeros(w)
@@ -48,26 +48,52 @@ def _box_y(src, dst, r: int) -> None:  # pragma: no cover - compiled
                 acc += src[z, y + r]
             if y - r - 1 >= 0:
                 acc -= src[z, y - r - 1]
-            dst[z, y] = acc
+            dst[z, y] = acc * scale
+
+
+def _box_yz(x_summed: np.ndarray, window: tuple[int, int, int], out: np.ndarray, tmp: np.ndarray) -> None:
+    """The y and z passes of :func:`box3d` on an array already summed along x; the result in ``out``."""
+    kz, ky, kx = window
+    _box_y(x_summed, tmp, ky // 2, 1.0)
+    _box_y(tmp.transpose(1, 0, 2), out.transpose(1, 0, 2), kz // 2, 1.0 / (kx * ky * kz))
 
 
 def box3d(x: np.ndarray, window: tuple[int, int, int], out: np.ndarray, tmp: np.ndarray) -> None:
     """``out`` = window mean of ``x`` ``(D, H, W)``, odd ``window`` in array order, zero padding."""
-    kz, ky, kx = window
-    _box_x(x, tmp, kx // 2)
-    _box_y(tmp, out, ky // 2)
-    # The z pass is the y pass on the (H, D, W) view: rows along x stay contiguous.
-    _box_y(out.transpose(1, 0, 2), tmp.transpose(1, 0, 2), kz // 2)
-    np.multiply(tmp, 1.0 / (kx * ky * kz), out=out)
+    _box_x(x, out, window[2] // 2)
+    _box_yz(out, window, out, tmp)
 
 
 @nb.njit(parallel=True, **FAST)
-def _products(a, b, aa, ab) -> None:  # pragma: no cover - compiled
-    d = a.shape[0]
+def _box_x_moments(a, b, sa, saa, sab, r: int) -> None:  # pragma: no cover - compiled
+    """The x pass of the box filter for ``a``, ``a²`` and ``ab`` at once, the products made on the
+    fly (no product volumes written and read back)."""
+    d, h, w = a.shape
     for z in nb.prange(d):
-        ar, br = a[z], b[z]
-        aa[z] = ar * ar
-        ab[z] = ar * br
+        for y in range(h):
+            ra, rb = a[z, y], b[z, y]
+            oa, oaa, oab = sa[z, y], saa[z, y], sab[z, y]
+            s1 = 0.0
+            s2 = 0.0
+            s3 = 0.0
+            for x in range(min(r, w)):
+                s1 += ra[x]
+                s2 += ra[x] * ra[x]
+                s3 += ra[x] * rb[x]
+            for x in range(w):
+                if x + r < w:
+                    v, u = ra[x + r], rb[x + r]
+                    s1 += v
+                    s2 += v * v
+                    s3 += v * u
+                if x - r - 1 >= 0:
+                    v, u = ra[x - r - 1], rb[x - r - 1]
+                    s1 -= v
+                    s2 -= v * v
+                    s3 -= v * u
+                oa[x] = s1
+                oaa[x] = s2
+                oab[x] = s3
 
 
 @nb.njit(parallel=True, **FAST)
@@ -108,9 +134,9 @@ def _cc_terms(ma, mb, aa, bb, ab, weight, eps, partial) -> None:  # pragma: no c
 
 
 @nb.njit(parallel=True, **FAST)
-def _combine(a, b, g_ma, g_aa, g_ab, out) -> None:  # pragma: no cover - compiled
+def _combine(a, b, g_ma, g_aa, g_ab, scale, out) -> None:  # pragma: no cover - compiled
     for z in nb.prange(a.shape[0]):
-        out[z] = g_ma[z] + 2.0 * a[z] * g_aa[z] + b[z] * g_ab[z]
+        out[z] = scale * (g_ma[z] + 2.0 * a[z] * g_aa[z] + b[z] * g_ab[z])
 
 
 def fixed_stats(b: np.ndarray, window: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -138,24 +164,21 @@ def lncc_forward(
     shape = a.shape
     mb, bb = fixed_stats(b, window) if b_stats is None else b_stats
     ma, aa, ab, tmp = (np.empty(shape) for _ in range(4))
-    box3d(a, window, ma, tmp)
-    sq_a, prod = np.empty(shape), np.empty(shape)
-    _products(a, b, sq_a, prod)
-    box3d(sq_a, window, aa, tmp)
-    box3d(prod, window, ab, tmp)
+    _box_x_moments(a, b, ma, aa, ab, window[2] // 2)
+    for m in (ma, aa, ab):
+        _box_yz(m, window, m, tmp)
     partial = np.zeros(shape[0])
     _cc_terms(ma, mb, aa, bb, ab, weight, eps, partial)
     return partial.sum(), (ma, aa, ab)
 
 
-def lncc_grad(a: np.ndarray, b: np.ndarray, terms, window: tuple[int, int, int]) -> np.ndarray:
-    """``∂(-Σ weight · cc)/∂a`` for one channel from :func:`lncc_forward`'s derivative maps."""
+def lncc_grad(a: np.ndarray, b: np.ndarray, terms, window: tuple[int, int, int], scale: float, out: np.ndarray) -> None:
+    """``out = scale · ∂(-Σ weight · cc)/∂a`` for one channel from :func:`lncc_forward`'s derivative
+    maps; ``out`` ``(D, H, W)`` may be float32 (written once, no float64 copy to convert)."""
     tmp = np.empty(a.shape)
     boxed = []
     for g in terms:
-        out = np.empty(a.shape)
-        box3d(g, window, out, tmp)
-        boxed.append(out)
-    grad = np.empty(a.shape)
-    _combine(a, b, boxed[0], boxed[1], boxed[2], grad)
-    return grad
+        box = np.empty(a.shape)
+        box3d(g, window, box, tmp)
+        boxed.append(box)
+    _combine(a, b, boxed[0], boxed[1], boxed[2], scale, out)
