@@ -9,9 +9,10 @@ the warp's parameters or coordinates need a gradient. Ratios are against ``grid_
 in the same run. In 3D, stnreg runs its numba kernels (``stnreg.fast``); ``STNREG_FAST=0`` would
 time the reference path instead.
 
-    python benchmarks/sampler.py [--threads 1] [--repeats 5] [--device cpu|cuda] [--quick]
+    python benchmarks/sampler.py [--threads 1] [--repeats 5] [--device cpu|cuda] [--quick] [--only warps|fused|lncc]
 
-Writes ``benchmarks/results/sampler[-<device>].md`` and ``.json``.
+Writes ``benchmarks/results/sampler[-<device>][-<table>].md`` and ``.json``; on the CPU also the fused
+affine similarity and the LNCC tables.
 """
 
 from __future__ import annotations
@@ -272,12 +273,69 @@ def fused_similarity_table(repeats: int, quick: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _lncc_time(a: torch.Tensor, b: torch.Tensor, fresh: bool, fast: bool, repeats: int) -> float:
+    """Median seconds of ``lncc_loss(a, b).backward()``; ``fresh``: a new fixed tensor per call."""
+    import os
+
+    from stnreg.losses import lncc_loss
+
+    os.environ["STNREG_FAST"] = "1" if fast else "0"
+
+    def run() -> None:
+        a.grad = None
+        lncc_loss(a, b.clone() if fresh else b, 9).backward()
+
+    run()
+    return statistics.median(_time(run, "cpu") for _ in range(repeats))
+
+
+def lncc_table(repeats: int, quick: bool) -> str:
+    """LNCC (window 9) forward + backward with the gradient to the warped image, 3D: the reference
+    (box filters by cumulative sums, autograd) against the numba kernels, at the full brain size and
+    at its half-resolution pyramid level. The fast path keeps the fixed image's window statistics
+    while the same fixed tensor comes back, as in a registration; the ``new fixed`` column passes a
+    fresh fixed tensor each call (no kept statistics)."""
+    import os
+
+    from stnreg.fast import fast_available
+
+    if not fast_available(torch.zeros(1), "border"):
+        return "\n(LNCC kernels unavailable: numba missing)\n"
+    shapes = [QUICK_SHAPES[2]] if quick else [SHAPES[2], (1, 1, 80, 96, 112)]
+    lines = [
+        "\n## LNCC (window 9), forward + backward, gradient to the warped image\n",
+        "| shape | threads | reference ms | fast ms | speed-up | fast, new fixed ms |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    old = torch.get_num_threads()
+    for shape in shapes:
+        g = torch.Generator().manual_seed(0)
+        a = torch.rand(shape, generator=g).requires_grad_()
+        b = torch.rand(shape, generator=g)
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+
+            times = {
+                name: _lncc_time(a, b, fresh, fast, repeats)
+                for name, fresh, fast in (("ref", False, False), ("fast", False, True), ("new", True, True))
+            }
+            os.environ.pop("STNREG_FAST", None)
+            lines.append(
+                f"| {'x'.join(map(str, shape))} | {threads} | {1e3 * times['ref']:.1f} | {1e3 * times['fast']:.1f} | "
+                f"{times['ref'] / times['fast']:.1f}x | {1e3 * times['new']:.1f} |"
+            )
+            print(lines[-1], flush=True)
+    torch.set_num_threads(old)
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--quick", action="store_true", help="small shapes, for a smoke run")
+    ap.add_argument("--only", choices=["warps", "fused", "lncc"], help="run one table (written to sampler-<table>.md)")
     ap.add_argument("--probe", nargs=3, metavar=("KIND", "SHAPE", "NAME"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -288,7 +346,7 @@ def main() -> None:
     device = args.device
     card = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
     rows = []
-    for shape in QUICK_SHAPES if args.quick else SHAPES:
+    for shape in [] if args.only in ("fused", "lncc") else QUICK_SHAPES if args.quick else SHAPES:
         for kind in ("affine", "dense", "affine-reg", "dense-reg"):
             table = methods(kind, shape, device)
             copy_s = copy_time(next(iter(table.values()))[1], device, args.repeats)
@@ -326,22 +384,28 @@ def main() -> None:
         "| shape | warp | method | fwd ms | ratio | fwd+bwd ms | ratio | peak MiB | fwd GB/s | copy GB/s |\n"
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|\n"
     )
-    body = "".join(
+    body = "" if args.only in ("fused", "lncc") else header
+    body += "".join(
         f"| {r['shape']} | {r['warp']} | {r['method']} | {r['fwd_ms']:.2f} | {r['fwd_ratio']:.2f} | "
         f"{r['fwd_bwd_ms']:.2f} | {r['fwd_bwd_ratio']:.2f} | {r['peak_mib']:.1f} | {r['fwd_gbps']:.2f} | "
         f"{r['copy_gbps']:.1f} |\n"
         for r in rows
     )
-    if device == "cpu":
+    if device == "cpu" and args.only in (None, "fused"):
         body += fused_similarity_table(args.repeats, args.quick)
+    if device == "cpu" and args.only in (None, "lncc"):
+        body += lncc_table(args.repeats, args.quick)
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = "sampler" if device == "cpu" else f"sampler-{device}"
+    if args.only:
+        stem += f"-{args.only}"
     if args.quick:
         stem += "-quick"
-    (RESULTS / f"{stem}.md").write_text(header + body)
+    title = f"# Sampler benchmark, {args.only} ({device}: {card}, torch {torch.__version__})\n" if args.only else ""
+    (RESULTS / f"{stem}.md").write_text(title + body)
     meta = {"device": device, "card": card, "torch": torch.__version__, "threads": args.threads}
     (RESULTS / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    print(header + body)
+    print(title + body)
 
 
 if __name__ == "__main__":
