@@ -57,6 +57,7 @@ class MNISTVariants(L.LightningDataModule):
             reaches 0% training error on R within 20 epochs while its test error stays near 3%;
             on addition the test error stays at chance). The generation is vectorized and runs in
             the main process (2-4 s per 60k digits), so ``num_workers`` applies to the test set only.
+            The batches are not split across processes: under DDP use ``fresh=False``.
     """
 
     def __init__(
