@@ -231,21 +231,17 @@ def _world_moments(img: Tensor, grid: Grid) -> tuple[Tensor, Tensor]:
     total = w.sum()
     # Array axis a holds index component d - 1 - a (points are (x, y, z) ordered).
     ranges = [torch.arange(n, dtype=torch.float64, device=w.device) for n in w.shape]
-    mean = torch.zeros(d, dtype=torch.float64, device=w.device)
-    for a in range(d):
-        marginal = w.sum(dim=[o for o in range(d) if o != a]) if d > 1 else w
-        mean[d - 1 - a] = (marginal * ranges[a]).sum() / total
+    marginals = [w.sum(dim=[o for o in range(d) if o != a]) for a in range(d)]
+    mean = torch.stack([(marginals[a] * ranges[a]).sum() / total for a in range(d)]).flip(0)
     centred = [ranges[a] - mean[d - 1 - a] for a in range(d)]
     cov = torch.zeros(d, d, dtype=torch.float64, device=w.device)
     for a in range(d):
-        for b in range(a, d):
+        cov[d - 1 - a, d - 1 - a] = (marginals[a] * centred[a].square()).sum() / total
+        for b in range(a + 1, d):
             rest = [o for o in range(d) if o not in (a, b)]
-            marginal = w.sum(dim=rest) if rest else w
-            if a == b:
-                value = (marginal * centred[a].square()).sum()
-            else:
-                value = (marginal * centred[a][:, None] * centred[b][None, :]).sum()
-            cov[d - 1 - a, d - 1 - b] = cov[d - 1 - b, d - 1 - a] = value / total
+            pair = w.sum(dim=rest) if rest else w
+            value = (pair * centred[a][:, None] * centred[b][None, :]).sum() / total
+            cov[d - 1 - a, d - 1 - b] = cov[d - 1 - b, d - 1 - a] = value
     m = grid.index_to_world(device=w.device)
     lin = m[:d, :d]
     return lin @ mean + m[:d, d], lin @ cov @ lin.T

@@ -6,8 +6,8 @@
 - :func:`fused_affine_loss` (used by :func:`stnreg.register` for matrix stages with MSE/NCC):
   warp, similarity and the 12-parameter gradient in one pass, no warped image.
 - :func:`fast_sample` (used by :func:`stnreg.sample`, so by every dense, B-spline and TPS warp):
-  trilinear sampling at given coordinates; for a one-channel image the forward keeps
-  ``∂out/∂coords`` so the backward is a product, not a second gather pass.
+  trilinear sampling at given coordinates; the forward keeps ``∂out/∂coords`` (one channel always,
+  more within ``_KEEP_DERIVATIVE_MAX``) so the backward is a product, not a second gather pass.
 - :func:`fast_lncc` (used by :func:`stnreg.losses.lncc_loss`): box filters by running sums and the
   loss's gradient in closed form, instead of autograd through cumulative sums.
 
