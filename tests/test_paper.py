@@ -143,6 +143,31 @@ def test_st_classifiers_start_at_identity(transform):
     assert two(torch.rand(3, 2, 42, 42)).shape == (3, 19)
 
 
+@pytest.mark.parametrize("transform", ["affine", "tps"])
+def test_channels_last_gives_the_same_logits_and_gradients(transform):
+    tasks = []
+    for channels_last in (False, True):
+        torch.manual_seed(0)
+        task = ClassificationTask("st-cnn", [1, 42, 42], transform=transform, st_pool=2, channels_last=channels_last)
+        with torch.no_grad():  # a non-identity transform, so the sampler's gradient is exercised
+            task.model.transformer.head.weight.normal_(0, 0.01, generator=torch.Generator().manual_seed(1))
+        tasks.append(task)
+    assert tasks[1].model.classifier[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.rand(8, 1, 42, 42, generator=torch.Generator().manual_seed(2))
+    a = tasks[0](x)
+    b = tasks[1](x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    a.square().sum().backward()
+    b.square().sum().backward()
+    # The template transform's own parameters are unused: the head predicts θ.
+    named = zip(tasks[0].named_parameters(), tasks[1].parameters(), strict=True)
+    grads = {n: (pa.grad, pb.grad) for (n, pa), pb in named if not n.startswith("model.transformer.transform.")}
+    assert all(ga is not None for ga, _ in grads.values())
+    assert grads["model.transformer.head.weight"][0].abs().sum() > 0
+    for ga, gb in grads.values():
+        torch.testing.assert_close(gb, ga, rtol=1e-4, atol=1e-5)
+
+
 def test_colocalizer_window_and_iou():
     m = CoLocalizer()
     # A blank image gives a flat heatmap: the soft-argmax is the centre, a digit-sized window.
