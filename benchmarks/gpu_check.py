@@ -1,6 +1,9 @@
 """GPU check: every family and sampler mode on CUDA agrees with the CPU reference.
 
-One short script for a scarce GPU: run it, then ``benchmarks/sampler.py --device cuda``.
+One short script for a scarce GPU: run it, ``pytest tests/test_fast_cuda.py`` (the Triton kernels
+against grid_sample on the card), then ``benchmarks/sampler.py --device cuda``. 3D matrix warps
+and the fused affine similarity run stnreg's Triton kernels on CUDA and its numba kernels on the
+CPU, so the rows below compare the two fast paths as well.
 Prints one line per check and exits non-zero on any disagreement; writes
 ``benchmarks/results/gpu_check.md``.
 """
@@ -28,6 +31,29 @@ def family(name: str, ndim: int, shape: tuple[int, ...]) -> stnreg.ParametricTra
     if name == "svf":
         return StationaryVelocity(shape)
     return stnreg.FAMILIES[name](ndim)
+
+
+def _fused_losses(lines: list[str], g: torch.Generator) -> int:
+    """3D affine + MSE/NCC in one pass (``fused_affine_loss``): CUDA against CPU, value and θ gradient."""
+    from stnreg.fast import fused_affine_loss
+
+    failures = 0
+    moving, fixed = torch.rand(2, 1, 30, 34, 38, generator=g), torch.rand(2, 1, 28, 32, 36, generator=g)
+    theta = torch.eye(3, 4) + 0.05 * torch.randn(2, 3, 4, generator=g)
+    for loss in ("mse", "ncc"):
+        results = []
+        for dev in ("cpu", "cuda"):
+            th = theta.to(dev).requires_grad_()
+            value = fused_affine_loss(moving.to(dev), fixed.to(dev), th, loss, "border")
+            value.backward()
+            results.append((value.detach().cpu(), th.grad.cpu()))
+        diff = float((results[0][0] - results[1][0]).abs())
+        grad = float((results[0][1] - results[1][1]).abs().max() / results[0][1].abs().max())
+        ok = diff < 1e-5 and grad < 1e-4
+        failures += not ok
+        flag = "" if ok else " FAIL"
+        lines.append(f"| 3D fused affine {loss}, value / θ-gradient (relative) | {diff:.2e} / {grad:.2e}{flag} |")
+    return failures
 
 
 def main() -> int:
@@ -65,6 +91,7 @@ def main() -> int:
         diff = float((stnreg.sample(image.cuda(), small.cuda(), antialias=True).cpu() - ref).abs().max())
         failures += diff > 1e-4
         lines.append(f"| {ndim}D anti-aliased shrink | {diff:.2e}{'' if diff < 1e-4 else ' FAIL'} |")
+    failures += _fused_losses(lines, g)
     text = "\n".join(lines) + f"\n\n{'all passed' if failures == 0 else f'{failures} FAILED'}\n"
     print(text)
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -2,17 +2,19 @@
 
 For affine and dense warps at (128,1,60,60), (1,1,256,256) and (1,1,160,192,224), times the
 forward pass and forward+backward, the peak extra memory of one forward+backward, and the achieved
-bytes per second (image read + coordinates read + output written) against a plain copy of the same
-number of bytes. Warp kinds: ``affine`` and ``dense`` (gradients to the image and to the warp's
-parameters or coordinates), and ``affine-reg`` / ``dense-reg``, the registration case, where only
+bytes per second (image read + coordinates read + output written; no coordinates for stnreg's
+fused 3D affine warp, which makes them on the fly) against a plain copy of the same number of
+bytes. Warp kinds: ``affine`` and ``dense`` (gradients to the image and to the warp's parameters
+or coordinates), and ``affine-reg`` / ``dense-reg``, the registration case, where only
 the warp's parameters or coordinates need a gradient. Ratios are against ``grid_sample`` measured
-in the same run. In 3D, stnreg runs its numba kernels (``stnreg.fast``); ``STNREG_FAST=0`` would
-time the reference path instead.
+in the same run. In 3D, stnreg runs its numba kernels on the CPU and its Triton kernels on CUDA
+(``stnreg.fast``); ``STNREG_FAST=0`` would time the reference path instead.
 
     python benchmarks/sampler.py [--threads 1] [--repeats 5] [--device cpu|cuda] [--quick] [--only warps|fused|lncc]
 
-Writes ``benchmarks/results/sampler[-<device>][-<table>].md`` and ``.json``; on the CPU also the fused
-affine similarity and the LNCC tables.
+Writes ``benchmarks/results/sampler[-<device>][-<table>].md`` and ``.json``, with the fused affine
+similarity table (CPU and CUDA) and the LNCC table (CPU). ``benchmarks/gpu_check.sh`` is the one
+script for a lent GPU: kernel tests, then these tables.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ def methods(kind: str, shape: tuple[int, ...], device: str) -> dict[str, Callabl
         return torch.rand(shape, device=device, requires_grad=image_grad)
 
     out: dict[str, Callable[[], tuple]] = {}
+    fused_moved = moved
     if kind == "affine":
 
         def gs():
@@ -82,6 +85,8 @@ def methods(kind: str, shape: tuple[int, ...], device: str) -> dict[str, Callabl
             x, th = image(), _theta(n, d, device).requires_grad_()
             family = stnreg.Affine(d).to(device)
             return (lambda: stnreg.warp(x, family.with_params(th))), (x, th)
+
+        fused_moved = 2 * image_bytes if d == 3 else moved  # the fused 3D warp reads no coordinates
 
         def kornia_():
             import kornia.geometry.transform as kt
@@ -127,7 +132,7 @@ def methods(kind: str, shape: tuple[int, ...], device: str) -> dict[str, Callabl
             "stnreg.warp(Displacement)": ours,
             "monai.Warp": monai_,
         }
-    return {k: (v, moved) for k, v in out.items()}
+    return {k: (v, fused_moved if k == "stnreg.warp(Affine)" else moved) for k, v in out.items()}
 
 
 def _sync(device: str) -> None:
@@ -221,7 +226,7 @@ def probe(kind: str, shape: tuple[int, ...], name: str) -> None:
     print((_status_kib("VmHWM") - base) / 1024)
 
 
-def fused_similarity_table(repeats: int, quick: bool) -> str:
+def fused_similarity_table(repeats: int, quick: bool, device: str) -> str:
     """3D affine + MSE/NCC, gradient to the 12 parameters: reference autograd vs the fused kernel.
 
     Per output voxel the fused kernel makes one pass: 8 gathers, about 40 flops for the position,
@@ -230,15 +235,15 @@ def fused_similarity_table(repeats: int, quick: bool) -> str:
     ``w ∇v`` and ``w ∇v ux`` only. Such a kernel is bound by the dependent gathers and the scalar
     arithmetic (LLVM does not vectorize the gathers), not by memory bandwidth.
     """
-    from stnreg.fast import fast_available, fused_affine_loss
+    from stnreg.fast import fused_affine_loss, fused_available
     from stnreg.losses import mse_loss, ncc_loss
 
-    if not fast_available(torch.zeros(1), "border"):
-        return "\n(fused kernels unavailable: numba missing)\n"
     shape = QUICK_SHAPES[2] if quick else SHAPES[2]
     g = torch.Generator().manual_seed(0)
-    moving, fixed = torch.rand(shape, generator=g), torch.rand(shape, generator=g)
-    theta = (torch.eye(3, 4) + 0.03 * torch.randn(1, 3, 4, generator=g)).requires_grad_()
+    moving, fixed = torch.rand(shape, generator=g).to(device), torch.rand(shape, generator=g).to(device)
+    if not fused_available(moving, "border"):
+        return f"\n(fused kernels unavailable on {device}: numba or triton missing)\n"
+    theta = (torch.eye(3, 4) + 0.03 * torch.randn(1, 3, 4, generator=g)).to(device).requires_grad_()
     voxels = torch.Size(shape[2:]).numel()
     old = torch.get_num_threads()
     lines = [
@@ -247,7 +252,7 @@ def fused_similarity_table(repeats: int, quick: bool) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for loss, ref_fn in (("mse", mse_loss), ("ncc", ncc_loss)):
-        for threads in (1, 2):
+        for threads in (1, 2) if device == "cpu" else (old,):
             torch.set_num_threads(threads)
 
             def ref(ref_fn=ref_fn):
@@ -261,8 +266,10 @@ def fused_similarity_table(repeats: int, quick: bool) -> str:
                 fused_affine_loss(moving, fixed, theta, loss, "border").backward()
 
             ref(), fused()
-            t_ref = statistics.median(_time(ref, "cpu") for _ in range(repeats))
-            t_fused = statistics.median(_time(fused, "cpu") for _ in range(repeats))
+            calls = _calls_for(ref, device)
+            t_ref = statistics.median(_time(ref, device, calls) for _ in range(repeats))
+            calls = _calls_for(fused, device)
+            t_fused = statistics.median(_time(fused, device, calls) for _ in range(repeats))
             flops = 54 if loss == "mse" else 72
             lines.append(
                 f"| {loss} | {threads} | {1e3 * t_ref:.1f} | {1e3 * t_fused:.1f} | {t_ref / t_fused:.1f}x | "
@@ -391,8 +398,8 @@ def main() -> None:
         f"{r['copy_gbps']:.1f} |\n"
         for r in rows
     )
-    if device == "cpu" and args.only in (None, "fused"):
-        body += fused_similarity_table(args.repeats, args.quick)
+    if args.only in (None, "fused"):
+        body += fused_similarity_table(args.repeats, args.quick, device)
     if device == "cpu" and args.only in (None, "lncc"):
         body += lncc_table(args.repeats, args.quick)
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -34,7 +34,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from .coords import Grid, apply_affine, index_to_normalized_matrix, lattice
-from .fast import fast_available, fused_affine_loss
+from .fast import fused_affine_loss, fused_available
 from .fields import world_to_voxel_displacement
 from .image import Image, as_image
 from .losses import REGULARIZERS, SIMILARITIES, dice_loss
@@ -527,7 +527,7 @@ def register_many(
         pyramids["fixed_labels"] = _Pyramid(onehot_f, fgrid)
     # Matrix stages with MSE/NCC in 3D run as one fused kernel pass per iteration (stnreg.fast).
     fused = loss in ("mse", "ncc") and fgrid.ndim == 3 and fmask is None and onehot_m is None
-    fused = fused and fast_available(m_int, "border")
+    fused = fused and fused_available(m_int, "border")
     for si, stage in enumerate(stages):
         t_stage = time.perf_counter()
         levels = _levels(stage, fgrid.shape)

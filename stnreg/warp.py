@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ._checks import check_image
 from .coords import Grid
-from .fast import fast_available, fused_affine_warp
+from .fast import fused_affine_warp, fused_available
 from .image import Image
 from .sampler import sample
 from .transforms.base import Transform
@@ -54,7 +54,7 @@ def warp(
         and not transform.projective
         and mode == "linear"
         and not antialias
-        and fast_available(image, padding)
+        and fused_available(image, padding)
     ):
         # Coordinates made on the fly, gradient straight to the matrix (stnreg.fast). 3D only: in 2D
         # grid_sample's vectorized bilinear kernel measured faster (benchmarks/results/sampler.md).

@@ -11,12 +11,16 @@
 - :func:`fast_lncc` (used by :func:`stnreg.losses.lncc_loss`): box filters by running sums and the
   loss's gradient in closed form, instead of autograd through cumulative sums.
 
-All run numba kernels (compiled on first use and cached on disk); elsewhere (CUDA, 2D, reflection
-padding), with ``STNREG_FAST=0``, or without numba, the reference torch path runs, after a one-line
-notice the first time numba is missing. Fast and reference paths agree to float32 rounding,
-gradients included (``tests/test_fast.py``). Results are deterministic: threads split output
-slices that each write their own outputs, partial sums are added in a fixed order, and the
-scatters of image gradients run on one thread, so 1 and 2 threads give the same bits.
+All run numba kernels on the CPU (compiled on first use and cached on disk). On CUDA, float32 3D
+volumes take Triton kernels for the two fused matrix paths (:mod:`stnreg.fast.affine_cuda`; the
+image gradient, when one is needed, comes from ``grid_sample``'s backward). Elsewhere (other CUDA
+cases, 2D, reflection padding), with ``STNREG_FAST=0``, or without numba / Triton, the reference
+torch path runs, after a one-line notice the first time a kernel library is missing. Fast and
+reference paths agree to float32 rounding, gradients included (``tests/test_fast.py``,
+``tests/test_fast_cuda.py``). Results are deterministic: threads split output slices that each
+write their own outputs, partial sums are added in a fixed order, and the scatters of image
+gradients run on one thread, so 1 and 2 threads give the same bits; the Triton kernels write one
+row of partial sums per program and use no atomics.
 """
 
 from __future__ import annotations
@@ -27,14 +31,17 @@ import weakref
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .._checks import check_batch
 
-__all__ = ["fast_available", "fast_lncc", "fast_sample", "fused_affine_loss", "fused_affine_warp"]
+__all__ = ["fast_available", "fast_lncc", "fast_sample", "fused_affine_loss", "fused_affine_warp", "fused_available"]
 
 _NOTICE_GIVEN = False
 _KERNELS = None
+_TRITON = None
+_TRITON_NOTICE_GIVEN = False
 
 
 def _kernels():
@@ -73,6 +80,40 @@ def fast_available(image: Tensor, padding: str) -> bool:
     return _kernels() is not None
 
 
+def _triton():
+    """The Triton kernel module (:mod:`stnreg.fast.affine_cuda`); ``None`` where Triton cannot run."""
+    global _TRITON, _TRITON_NOTICE_GIVEN
+    if _TRITON is None:
+        try:
+            from . import affine_cuda
+
+            _TRITON = affine_cuda
+        except Exception as err:  # triton missing (CPU-only torch wheels do not bring it)
+            _TRITON = False
+            if not _TRITON_NOTICE_GIVEN:
+                reason = f"{type(err).__name__}: {err}"
+                print(f"stnreg: fast GPU warps unavailable ({reason}); using grid_sample", file=sys.stderr)
+                _TRITON_NOTICE_GIVEN = True
+    return _TRITON or None
+
+
+def _use_triton(image: Tensor) -> bool:
+    """Whether ``image`` goes to the Triton kernels: CUDA tensors (the tests route CPU ones to the interpreter)."""
+    return image.device.type == "cuda"
+
+
+def fused_available(image: Tensor, padding: str) -> bool:
+    """Whether :func:`fused_affine_warp` and :func:`fused_affine_loss` take this image and padding.
+
+    CPU: float32/float64, 2D or 3D (numba). CUDA: float32 3D (Triton).
+    """
+    if os.environ.get("STNREG_FAST", "1") == "0" or padding not in ("zeros", "border"):
+        return False
+    if _use_triton(image):
+        return image.dim() == 5 and image.dtype == torch.float32 and _triton() is not None
+    return fast_available(image, padding)
+
+
 def _kernel(name: str):
     """The threaded kernel for several torch threads, its serial twin for one."""
     import numba
@@ -99,6 +140,14 @@ class _FusedAffine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, image: Tensor, theta: Tensor, out_shape: tuple[int, ...], border: bool) -> Tensor:
         img = image.detach().contiguous()
+        ctx.border = border
+        ctx.theta_dtype = theta.dtype
+        ctx.gpu = _use_triton(img)
+        if ctx.gpu:
+            th = theta.detach().float().contiguous()
+            _check_finite(th)
+            ctx.save_for_backward(img, th)
+            return _triton().forward(img, th, out_shape, border)
         th = theta.detach().to(torch.float64).contiguous()
         _check_finite(th)
         out = torch.empty((image.shape[0], image.shape[1], *out_shape), dtype=image.dtype)
@@ -108,14 +157,14 @@ class _FusedAffine(torch.autograd.Function):
             fn = _kernel("affine3d_forward")
             fn(out.shape[0], out.shape[2], _flat(img).numpy(), th.numpy(), out.numpy(), *img.shape[2:], border)
         ctx.save_for_backward(img, th)
-        ctx.border = border
-        ctx.theta_dtype = theta.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         img, th = ctx.saved_tensors
         go = grad_out.contiguous().to(img.dtype)
+        if ctx.gpu:
+            return (*_gpu_affine_backward(ctx, img, th, go), None, None)
         d = img.dim() - 2
         grad_img = grad_theta = None
         if ctx.needs_input_grad[1]:
@@ -140,11 +189,26 @@ class _FusedAffine(torch.autograd.Function):
         return grad_img, grad_theta, None, None
 
 
+def _gpu_affine_backward(ctx, img: Tensor, th: Tensor, go: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    """``(∂L/∂image, ∂L/∂θ)`` of the Triton warp: θ's from the kernel, the image's (a scatter) from grid_sample."""
+    grad_img = grad_theta = None
+    if ctx.needs_input_grad[1]:
+        grad_theta = _triton().grad_theta(img, th, go, ctx.border).to(ctx.theta_dtype)
+    if ctx.needs_input_grad[0]:
+        with torch.enable_grad():
+            leaf = img.detach().requires_grad_()
+            grid = F.affine_grid(th, [img.shape[0], 1, *go.shape[2:]], align_corners=False)
+            out = F.grid_sample(leaf, grid, "bilinear", "border" if ctx.border else "zeros", align_corners=False)
+            (grad_img,) = torch.autograd.grad(out, leaf, go)
+    return grad_img, grad_theta
+
+
 def fused_affine_warp(image: Tensor, theta: Tensor, out_shape: tuple[int, ...], padding: str = "zeros") -> Tensor:
     """``grid_sample(image, affine_grid(theta, out_shape))`` without the grid, ``align_corners=False``.
 
     Args:
-        image: ``(N, C, H, W)`` or ``(N, C, D, H, W)`` float32/float64 on the CPU.
+        image: ``(N, C, H, W)`` or ``(N, C, D, H, W)`` float32/float64 on the CPU, or a float32
+            ``(N, C, D, H, W)`` CUDA tensor (see :func:`fused_available`).
         theta: ``(N or 1, d, d+1)`` map from output to input normalized coordinates.
         out_shape: output spatial shape, array order.
         padding: ``"zeros"`` or ``"border"``.
@@ -164,16 +228,22 @@ class _FusedAffineLoss(torch.autograd.Function):
     def forward(ctx, image: Tensor, fixed: Tensor, theta: Tensor, loss: str, border: bool) -> Tensor:
         img = image.detach().contiguous()
         fix = fixed.detach().to(img.dtype).contiguous()
-        th = theta.detach().to(torch.float64).contiguous()
-        _check_finite(th)
         n, od = img.shape[0], fix.shape[2]
-        stats = torch.zeros((n, od, 5), dtype=torch.float64)
-        parts = torch.zeros((n, od, 3, 3, 4), dtype=torch.float64)
-        fn = _kernel("affine3d_mse" if loss == "mse" else "affine3d_ncc")
-        fn(n, od, _flat(img).numpy(), fix.numpy(), th.numpy(), *img.shape[2:], border, stats.numpy(), parts.numpy())
-        # Slice partials summed in slice order: the same bits for any thread count.
-        s_v, s_vv, s_vf, s_f, s_ff = stats.sum(1).unbind(1)
-        g_f, g_v, g_1 = parts.sum(1).unbind(1)
+        if _use_triton(img):
+            th = theta.detach().float().contiguous()
+            _check_finite(th)
+            stats, parts = _triton().loss_sums(img, fix, th, border, loss == "ncc")
+        else:
+            th = theta.detach().to(torch.float64).contiguous()
+            _check_finite(th)
+            stats = torch.zeros((n, od, 5), dtype=torch.float64)
+            parts = torch.zeros((n, od, 3, 3, 4), dtype=torch.float64)
+            fn = _kernel("affine3d_mse" if loss == "mse" else "affine3d_ncc")
+            fn(n, od, _flat(img).numpy(), fix.numpy(), th.numpy(), *img.shape[2:], border, stats.numpy(), parts.numpy())
+            # Slice partials summed in slice order: the same bits for any thread count.
+            stats, parts = stats.sum(1), parts.sum(1)
+        s_v, s_vv, s_vf, s_f, s_ff = stats.unbind(1)
+        g_f, g_v, g_1 = parts.unbind(1)
         count = fix[0].numel()  # channels x voxels per item
         if loss == "mse":
             # mean (v - f)^2 per item, averaged over the batch; d/dv = 2 (v - f) / (count n).
@@ -209,7 +279,7 @@ def fused_affine_loss(
     3D only; the gradient flows to ``theta`` alone (the image must not require one).
 
     Args:
-        image: ``(N, C, D, H, W)`` moving image, float32/float64, CPU.
+        image: ``(N, C, D, H, W)`` moving image, float32/float64 on the CPU or float32 on CUDA.
         fixed: ``(N, C, D', H', W')`` fixed image; its shape is the output lattice.
         theta: ``(N, 3, 4)`` output-normalized -> input-normalized map (``affine_grid``'s θ).
         loss: ``"mse"`` or ``"ncc"`` (``1 - NCC``, averaged over the batch, as :mod:`stnreg.losses`).

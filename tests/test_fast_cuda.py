@@ -1,0 +1,119 @@
+"""The Triton (CUDA) kernels of stnreg.fast: on a GPU when there is one, else in Triton's interpreter.
+
+Triton reads ``TRITON_INTERPRET`` once, when it is first imported (lightning and monai import it
+early), so on a machine without a GPU :func:`test_kernels_in_the_triton_interpreter` runs this file
+again in a child process with ``TRITON_INTERPRET=1``. There the kernels execute with NumPy and
+``stnreg.fast._use_triton`` is patched so that CPU tensors take the CUDA route through the public
+functions.
+"""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import stnreg
+from stnreg import fast
+from stnreg.losses import mse_loss, ncc_loss
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETED else "cpu"
+
+
+@pytest.mark.skipif(INTERPRETED or DEVICE == "cuda", reason="the kernels run directly")
+def test_kernels_in_the_triton_interpreter():
+    pytest.importorskip("triton")
+    env = os.environ | {"TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-o", "addopts=", "-p", "no:cacheprovider", __file__]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    summary = run.stdout.strip().splitlines()[-1]
+    # Every kernel test ran (only this launcher skips itself there).
+    assert re.search(r"\b10 passed, 1 skipped\b", summary), summary
+
+
+@pytest.fixture
+def kernels(monkeypatch):
+    if not (INTERPRETED or DEVICE == "cuda"):
+        pytest.skip("run by test_kernels_in_the_triton_interpreter")
+    module = fast._triton()
+    assert module is not None, "triton did not import"
+    monkeypatch.setattr(fast, "_use_triton", lambda image: image.device.type == DEVICE)
+    return module
+
+
+def _reference(image, theta, out, padding):
+    grid = F.affine_grid(theta, [theta.shape[0], 1, *out], align_corners=False)
+    return F.grid_sample(image, grid, padding_mode=padding, align_corners=False)
+
+
+def _case(seed, channels=2):
+    g = torch.Generator().manual_seed(seed)
+    image = torch.rand(2, channels, 10, 12, 14, generator=g)
+    # Large enough a perturbation that part of the output samples outside the image.
+    theta = torch.eye(3, 4) + 0.2 * torch.randn(2, 3, 4, generator=g)
+    return g, image.to(DEVICE), theta.to(DEVICE)
+
+
+@pytest.mark.parametrize("padding", ["zeros", "border"])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_triton_warp_matches_grid_sample(kernels, padding, channels):
+    g, image, theta = _case(0, channels)
+    out = (9, 11, 13)
+    image.requires_grad_()
+    theta.requires_grad_()
+    assert fast.fused_available(image, padding)
+    ours = fast.fused_affine_warp(image, theta, out, padding)
+    ref = _reference(image, theta, out, padding)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    go = torch.randn(ours.shape, generator=g).to(DEVICE)
+    g_ours = torch.autograd.grad(ours, (image, theta), go)
+    g_ref = torch.autograd.grad(ref, (image, theta), go)
+    torch.testing.assert_close(g_ours[0], g_ref[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g_ours[1], g_ref[1], atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("loss", ["mse", "ncc"])
+@pytest.mark.parametrize("padding", ["zeros", "border"])
+def test_triton_fused_similarity_matches_autograd(kernels, loss, padding):
+    g, image, theta = _case(1)
+    fixed = torch.rand(2, 2, 9, 11, 13, generator=g).to(DEVICE)
+    theta.requires_grad_()
+    ours = fast.fused_affine_loss(image, fixed, theta, loss, padding)
+    warped = _reference(image, theta, fixed.shape[2:], padding)
+    ref = mse_loss(warped, fixed) if loss == "mse" else ncc_loss(warped, fixed)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    (g_ours,) = torch.autograd.grad(ours, theta)
+    (g_ref,) = torch.autograd.grad(ref, theta)
+    torch.testing.assert_close(g_ours, g_ref, atol=1e-5, rtol=1e-4)
+
+
+def test_warp_routes_cuda_images_to_triton_and_is_deterministic(kernels, monkeypatch):
+    calls = []
+    forward = kernels.forward
+    monkeypatch.setattr(kernels, "forward", lambda *a: calls.append(1) or forward(*a))
+    image = torch.rand(1, 1, 12, 13, 14, device=DEVICE)
+    theta = (torch.eye(3, 4, device=DEVICE) + 0.05).unsqueeze(0).requires_grad_()
+    t = stnreg.Affine(3, params=theta)
+    first = stnreg.warp(image, t, out=(8, 9, 10))
+    second = stnreg.warp(image, t, out=(8, 9, 10))
+    assert len(calls) == 2
+    assert torch.equal(first, second)
+    grads = [torch.autograd.grad(stnreg.warp(image, t, out=(8, 9, 10)).square().sum(), theta)[0] for _ in range(2)]
+    assert torch.equal(grads[0], grads[1])
+    # float64 and 2D images are not the Triton path's: they go to grid_sample.
+    assert not fast.fused_available(image.double(), "zeros")
+    assert not fast.fused_available(torch.rand(1, 1, 8, 8, device=DEVICE), "zeros")
+    assert not fast.fused_available(image, "reflection")
+
+
+def test_triton_rejects_non_finite_parameters(kernels):
+    image = torch.rand(1, 1, 6, 6, 6, device=DEVICE)
+    theta = torch.eye(3, 4, device=DEVICE).unsqueeze(0).clone()
+    theta[0, 0, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        fast.fused_affine_warp(image, theta, (6, 6, 6))
