@@ -99,6 +99,32 @@ def methods(kind: str, shape: tuple[int, ...], device: str) -> dict[str, Callabl
             return (lambda: kt.warp_affine3d(x, m, tuple(sp), align_corners=False)), (x, m)
 
         out = {"grid_sample": gs, "stnreg.warp(Affine)": ours, "kornia.warp_affine": kornia_}
+    elif kind == "bspline":
+        # Control points about every 8 voxels, as BSpline.for_grid(grid, 8) places them.
+        ctrl = tuple(s // 8 + 3 for s in sp)
+        spline = stnreg.BSpline(ctrl).to(device)
+
+        def coef():
+            g = torch.Generator().manual_seed(2)
+            return (0.02 * torch.randn(n, d, *ctrl, generator=g)).to(device).requires_grad_()
+
+        def gs():
+            x, c = image(), coef()
+            return (lambda: F.grid_sample(x, spline.with_params(c).sampling_grid(tuple(sp)), align_corners=False)), (
+                x,
+                c,
+            )
+
+        def dense():
+            x, c = image(), coef()
+            return (lambda: stnreg.sample(x, spline.with_params(c).sampling_grid(tuple(sp)))), (x, c)
+
+        def ours():
+            x, c = image(), coef()
+            return (lambda: stnreg.warp(x, spline.with_params(c))), (x, c)
+
+        out = {"grid_sample": gs, "field + stnreg.sample": dense, "stnreg.warp(BSpline)": ours}
+        fused_moved = 2 * image_bytes
     else:
 
         def coords():
@@ -132,7 +158,8 @@ def methods(kind: str, shape: tuple[int, ...], device: str) -> dict[str, Callabl
             "stnreg.warp(Displacement)": ours,
             "monai.Warp": monai_,
         }
-    return {k: (v, fused_moved if k == "stnreg.warp(Affine)" else moved) for k, v in out.items()}
+    fused = ("stnreg.warp(Affine)", "stnreg.warp(BSpline)")
+    return {k: (v, fused_moved if k in fused else moved) for k, v in out.items()}
 
 
 def _sync(device: str) -> None:
@@ -354,7 +381,8 @@ def main() -> None:
     card = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
     rows = []
     for shape in [] if args.only in ("fused", "lncc") else QUICK_SHAPES if args.quick else SHAPES:
-        for kind in ("affine", "dense", "affine-reg", "dense-reg"):
+        # B-splines only as in registration: 3D, no image gradient (the on-the-fly kernel's case).
+        for kind in ("affine", "dense", "affine-reg", "dense-reg") + (("bspline-reg",) if len(shape) == 5 else ()):
             table = methods(kind, shape, device)
             copy_s = copy_time(next(iter(table.values()))[1], device, args.repeats)
             timed = measure(table, device, args.repeats)

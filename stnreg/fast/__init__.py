@@ -5,6 +5,9 @@
   image gradient only when the image needs one.
 - :func:`fused_affine_loss` (used by :func:`stnreg.register` for matrix stages with MSE/NCC):
   warp, similarity and the 12-parameter gradient in one pass, no warped image.
+- :func:`fused_bspline_warp` (used by :func:`stnreg.warp` for cubic B-splines on aligned
+  lattices, after any matrices): the displacement is evaluated on the fly from the coefficients,
+  separably per row, and the backward returns ``∂L/∂coefficients`` directly.
 - :func:`fast_sample` (used by :func:`stnreg.sample`, so by every dense, B-spline and TPS warp):
   trilinear sampling at given coordinates; the forward keeps ``∂out/∂coords`` (one channel always,
   more within ``_KEEP_DERIVATIVE_MAX``) so the backward is a product, not a second gather pass.
@@ -36,7 +39,15 @@ from torch import Tensor
 
 from .._checks import check_batch
 
-__all__ = ["fast_available", "fast_lncc", "fast_sample", "fused_affine_loss", "fused_affine_warp", "fused_available"]
+__all__ = [
+    "fast_available",
+    "fast_lncc",
+    "fast_sample",
+    "fused_affine_loss",
+    "fused_affine_warp",
+    "fused_available",
+    "fused_bspline_warp",
+]
 
 _NOTICE_GIVEN = False
 _KERNELS = None
@@ -54,9 +65,11 @@ def _kernels():
             if "NUMBA_THREADING_LAYER" not in os.environ:
                 # A pool that sleeps between calls: OpenMP's spinning workers slowed everything else.
                 numba.config.THREADING_LAYER = "workqueue"
-            from . import affine_cpu, field_cpu, lncc_cpu
+            from . import affine_cpu, bspline_cpu, field_cpu, lncc_cpu
 
-            _KERNELS = {**affine_cpu.KERNELS, **field_cpu.KERNELS, "field3d_grad_image": field_cpu.grad_image}
+            _KERNELS = {**affine_cpu.KERNELS, **field_cpu.KERNELS, **bspline_cpu.KERNELS}
+            _KERNELS["field3d_grad_image"] = field_cpu.grad_image
+            _KERNELS["bspline3d_spread_z"] = bspline_cpu.spread_z
             _KERNELS["affine2d_grad_image"] = affine_cpu.affine2d_grad_image
             _KERNELS["affine3d_grad_image"] = affine_cpu.affine3d_grad_image
             _KERNELS["lncc"] = (lncc_cpu.lncc_forward, lncc_cpu.lncc_grad, lncc_cpu.fixed_stats)
@@ -295,6 +308,73 @@ def fused_affine_loss(
     n = check_batch(image.shape[0], theta.shape[0], "image and transform")
     theta = theta.expand(n, *theta.shape[1:]) if theta.shape[0] != n else theta
     return _FusedAffineLoss.apply(image, fixed, theta, loss, padding == "border")
+
+
+class _FusedBSpline(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, image, coef, k, r, tables, out_shape, border):
+        img = image.detach().contiguous()
+        n = img.shape[0]
+        cf = coef.detach().to(torch.float64).expand(n, *coef.shape[1:]).contiguous()
+        _check_finite(cf)
+        kk = k.to(torch.float64).expand(n, 3, 4).contiguous()
+        rr = r.to(torch.float64).expand(n, 3, 3).contiguous()
+        tabs = tuple(t.contiguous().numpy() for t in tables)
+        out = torch.empty((n, img.shape[1], *out_shape), dtype=img.dtype)
+        args = (_flat(img).numpy(), cf.numpy(), *tabs, kk.numpy(), rr.numpy(), out.numpy(), *img.shape[2:], border)
+        _kernel("bspline3d_forward")(n, out_shape[0], *args)
+        ctx.save_for_backward(img, cf, kk, rr)
+        ctx.tabs, ctx.border, ctx.coef_shape, ctx.coef_dtype = tabs, border, coef.shape, coef.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        img, cf, kk, rr = ctx.saved_tensors
+        grad_coef = None
+        if ctx.needs_input_grad[1]:
+            go = grad_out.contiguous().to(img.dtype)
+            n, od = go.shape[0], go.shape[2]
+            partial = torch.zeros((n, od, 3, cf.shape[3], cf.shape[4]), dtype=torch.float64)
+            args = (_flat(img).numpy(), cf.numpy(), *ctx.tabs, kk.numpy(), rr.numpy(), go.numpy(), partial.numpy())
+            _kernel("bspline3d_grad")(n, od, *args, *img.shape[2:], ctx.border)
+            grad = torch.zeros_like(cf)
+            _kernels()["bspline3d_spread_z"](partial.numpy(), ctx.tabs[4], ctx.tabs[5], grad.numpy())
+            if ctx.coef_shape[0] != n:
+                grad = grad.sum(0, keepdim=True)
+            grad_coef = grad.to(ctx.coef_dtype)
+        return None, grad_coef, None, None, None, None, None
+
+
+def fused_bspline_warp(
+    image: Tensor,
+    coef: Tensor,
+    k: Tensor,
+    r: Tensor,
+    tables: tuple[Tensor, ...],
+    out_shape: tuple[int, int, int],
+    padding: str = "zeros",
+) -> Tensor:
+    """Warp by a cubic B-spline evaluated on the fly: the kernel behind :func:`stnreg.warp` for B-splines.
+
+    The input pixel position of output voxel ``i = (x, y, z)`` is ``K [i; 1] + R disp(i)``, with
+    ``disp`` the B-spline displacement (``(x, y, z)`` components) whose separable weights are given
+    per axis. :meth:`stnreg.BSpline.fused_warp_args` builds every argument from a transform chain.
+
+    Args:
+        image: ``(N, C, D, H, W)`` float32/float64 on the CPU; it gets no gradient (it must not need one).
+        coef: ``(N or 1, 3, cz, cy, cx)`` coefficients; the gradient flows to them.
+        k: ``(N or 1, 3, 4)`` and ``r``: ``(N or 1, 3, 3)`` float64, as above (no gradient).
+        tables: ``(x_index, x_weight, y_index, y_weight, z_index, z_weight)``, each ``(n_axis, 4)``:
+            the control indices (int64, clamped) and cubic weights (float64) of every output index.
+        out_shape: ``(D', H', W')``.
+        padding: ``"zeros"`` or ``"border"``.
+    """
+    if image.requires_grad:
+        raise ValueError("fused_bspline_warp returns no image gradient; detach the image or use sample()")
+    check_batch(image.shape[0], coef.shape[0], "image and coefficients")
+    n = max(image.shape[0], coef.shape[0], k.shape[0])
+    image = image.expand(n, *image.shape[1:]) if image.shape[0] != n else image
+    return _FusedBSpline.apply(image, coef, k, r, tables, tuple(int(s) for s in out_shape), padding == "border")
 
 
 # Multi-channel samples (fields sampled by fields in scaling and squaring) keep ∂out/∂coords, 3C

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ..coords import Grid, apply_affine
-from .base import ParametricTransform, output_lattice
+from .base import ParametricTransform, index_to_domain, output_lattice
 
 __all__ = ["BSpline", "cubic_bspline_weights"]
 
@@ -155,6 +155,28 @@ class BSpline(ParametricTransform):
             basis = _basis_matrix(u, self.control_shape[d - 1 - a])
             field = torch.movedim(torch.movedim(field, 2 + (d - 1 - a), -1) @ basis.T, -1, 2 + (d - 1 - a))
         return pts, torch.movedim(field, 1, -1)
+
+    def separable_tables(self, out: Sequence[int] | Grid) -> tuple[Tensor, ...] | None:
+        """Per output axis, ``(x, y, z)`` order, the four control indices and cubic weights of every index.
+
+        Returns ``(x_index, x_weight, y_index, y_weight, z_index, z_weight)`` (each ``(n_axis, 4)``,
+        int64 indices clamped to the control lattice as :meth:`displacement` clamps them, float64
+        weights), or ``None`` when the output lattice is not aligned with the control grid.
+        """
+        m = self.domain.cpu() @ index_to_domain(out)
+        d = self.ndim
+        if not torch.allclose(m[:d, :d], torch.diag(torch.diagonal(m[:d, :d])), atol=1e-9):
+            return None
+        shape = out.shape if isinstance(out, Grid) else tuple(int(s) for s in out)
+        tables: list[Tensor] = []
+        for a in range(d):
+            n_ctrl = self.control_shape[d - 1 - a]
+            u = m[a, a] * torch.arange(shape[d - 1 - a], dtype=torch.float64) + m[a, d]
+            t = _to_control_index(u, n_ctrl)
+            i = torch.floor(t)
+            tables.append((i.long()[:, None] + torch.arange(-1, 3)).clamp(0, n_ctrl - 1))
+            tables.append(cubic_bspline_weights(t - i))
+        return tuple(tables)
 
     def mapped_lattice(self, out: Sequence[int] | Grid) -> Tensor:
         separable = self.displacement(out)
