@@ -12,6 +12,7 @@ from stnreg import Grid
 from stnreg.image import Image
 from stnreg.io import read_image, to_sitk, write_image
 from stnreg.register import Stage, parse_pipeline, register
+from stnreg.transforms.base import _cached_world_lattice
 
 
 def _blobs(points: torch.Tensor, seed: int = 0) -> torch.Tensor:
@@ -63,6 +64,8 @@ def test_affine_recovered_in_world_space_across_grids():
     err = (got - want).norm(dim=-1)
     assert err.median() < 0.25 and err.max() < 1.0, (float(err.median()), float(err.max()))
     assert r.metrics["ncc_after"] > 0.99 > r.metrics["ncc_before"]
+    # No full-resolution world lattice outlives the call.
+    assert _cached_world_lattice.cache_info().currsize == 0
 
 
 def test_saved_transforms_reproduce_with_simpleitk(tmp_path):
@@ -253,3 +256,22 @@ def test_tol_stops_a_level_once_its_best_loss_stalls():
             assert (gains >= 1e-3).all()
     with pytest.raises(ValueError, match="tol"):
         register(moving, fixed, "affine", progress=False, tol=-1.0)
+
+
+def test_bspline_stage_runs_on_the_fly_with_the_same_result(monkeypatch):
+    import importlib
+
+    import stnreg.fast as fast
+
+    calls = []
+    original = fast._FusedBSpline.apply
+    monkeypatch.setattr(fast._FusedBSpline, "apply", lambda *a: calls.append(1) or original(*a))
+    moving, fixed, _ = _pair_3d((20, 22, 24))
+    stages = [Stage("affine", shrink=(1,), iterations=(30,), lr=0.01), Stage("bspline", shrink=(1,), iterations=(15,))]
+    dense = register(moving, fixed, transform=stages, loss="ncc", progress=False, device="cpu", tol=0)
+    assert not calls  # these small lattices take the dense field by default
+    monkeypatch.setattr(importlib.import_module("stnreg.warp"), "_BSPLINE_ON_THE_FLY_MIN", 0)
+    fly = register(moving, fixed, transform=stages, loss="ncc", progress=False, device="cpu", tol=0)
+    assert len(calls) >= 15  # every B-spline iteration (the final resampling too)
+    assert fly.metrics["ncc_after"] == pytest.approx(dense.metrics["ncc_after"], abs=1e-5)
+    assert fly.metrics["ncc_after"] > dense.metrics["ncc_before"]

@@ -46,6 +46,12 @@ def _cached_world_lattice(grid: Grid, dtype: torch.dtype, device: torch.device) 
     return apply_affine(grid.index_to_world(device=device), idx).to(dtype).unsqueeze(0)
 
 
+def clear_lattice_cache() -> None:
+    """Drop the cached lattices: a 1 mm brain's world lattice alone holds 240 MB."""
+    _cached_lattice.cache_clear()
+    _cached_world_lattice.cache_clear()
+
+
 def output_lattice(
     out: Sequence[int] | Grid, dtype: torch.dtype, device: torch.device | str | None
 ) -> tuple[Tensor, Tensor]:
