@@ -11,6 +11,7 @@ import stnreg
 from stnreg import Grid
 from stnreg.image import Image
 from stnreg.io import read_image, to_sitk, write_image
+from stnreg.losses import bending_energy
 from stnreg.register import Stage, parse_pipeline, register
 from stnreg.transforms.base import _cached_world_lattice
 
@@ -275,3 +276,17 @@ def test_bspline_stage_runs_on_the_fly_with_the_same_result(monkeypatch):
     assert len(calls) >= 15  # every B-spline iteration (the final resampling too)
     assert fly.metrics["ncc_after"] == pytest.approx(dense.metrics["ncc_after"], abs=1e-5)
     assert fly.metrics["ncc_after"] > dense.metrics["ncc_before"]
+
+
+def test_bspline_regularizer_sees_coefficients_in_control_spacings():
+    from stnreg.register import _field_for_regularizer
+
+    fields = []
+    for mm in (1.0, 0.4):
+        grid = Grid((40, 48, 56), spacing=(mm, mm, mm))
+        spline = stnreg.BSpline.for_grid(grid, 8)  # 8 voxels: 8 mm, then 3.2 mm
+        coef = torch.randn(1, *spline.param_shape, generator=torch.Generator().manual_seed(0)) * 8 * mm
+        fields.append(_field_for_regularizer(spline, coef))
+    # The same deformation in voxels gives the same bending energy at any voxel size.
+    torch.testing.assert_close(fields[0], fields[1], rtol=1e-5, atol=1e-6)
+    assert bending_energy(fields[0]) > 0
