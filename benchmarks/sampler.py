@@ -10,7 +10,8 @@ the warp's parameters or coordinates need a gradient. Ratios are against ``grid_
 in the same run. In 3D, stnreg runs its numba kernels on the CPU and its Triton kernels on CUDA
 (``stnreg.fast``); ``STNREG_FAST=0`` would time the reference path instead.
 
-    python benchmarks/sampler.py [--threads 1] [--repeats 5] [--device cpu|cuda] [--quick] [--only warps|fused|lncc]
+    python benchmarks/sampler.py [--threads 1] [--repeats 5] [--device cpu|cuda] [--quick]
+                                 [--only warps|bspline|fused|lncc]
 
 Writes ``benchmarks/results/sampler[-<device>][-<table>].md`` and ``.json``, with the fused affine
 similarity table (CPU and CUDA) and the LNCC table (CPU). ``benchmarks/gpu_check.sh`` is the one
@@ -369,7 +370,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--quick", action="store_true", help="small shapes, for a smoke run")
-    ap.add_argument("--only", choices=["warps", "fused", "lncc"], help="run one table (written to sampler-<table>.md)")
+    ap.add_argument(
+        "--only", choices=["warps", "bspline", "fused", "lncc"], help="run one table (written to sampler-<table>.md)"
+    )
     ap.add_argument("--probe", nargs=3, metavar=("KIND", "SHAPE", "NAME"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -382,7 +385,10 @@ def main() -> None:
     rows = []
     for shape in [] if args.only in ("fused", "lncc") else QUICK_SHAPES if args.quick else SHAPES:
         # B-splines only as in registration: 3D, no image gradient (the on-the-fly kernel's case).
-        for kind in ("affine", "dense", "affine-reg", "dense-reg") + (("bspline-reg",) if len(shape) == 5 else ()):
+        kinds = ("affine", "dense", "affine-reg", "dense-reg") + (("bspline-reg",) if len(shape) == 5 else ())
+        if args.only == "bspline":
+            kinds = ("bspline-reg",) if len(shape) == 5 else ()
+        for kind in kinds:
             table = methods(kind, shape, device)
             copy_s = copy_time(next(iter(table.values()))[1], device, args.repeats)
             timed = measure(table, device, args.repeats)
