@@ -33,8 +33,12 @@ _MOMENTS = 12
 
 
 @triton.jit
-def _position(theta_ptr, b, offs, od, oh, ow, d, h, w, BORDER: tl.constexpr):
-    """Pixel position of output voxels ``offs`` under θ, their ``(ux, uy, uz)``, and ``∂clip``."""
+def _position(theta_ptr, od, oh, ow, d, h, w, BORDER: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's batch item ``b`` and output voxels ``offs`` (``mask``: inside the output), their
+    pixel positions under θ, ``(ux, uy, uz)``, and the positions' clip derivatives."""
+    b = tl.program_id(1)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < od * oh * ow
     x = offs % ow
     t = offs // ow
     y = t % oh
@@ -60,7 +64,7 @@ def _position(theta_ptr, b, offs, od, oh, ow, d, h, w, BORDER: tl.constexpr):
         ix = tl.minimum(tl.maximum(ix, 0.0), w - 1.0)
         iy = tl.minimum(tl.maximum(iy, 0.0), h - 1.0)
         iz = tl.minimum(tl.maximum(iz, 0.0), d - 1.0)
-    return ix, iy, iz, ux, uy, uz, cx, cy, cz
+    return b, offs, mask, ix, iy, iz, ux, uy, uz, cx, cy, cz
 
 
 @triton.jit
@@ -114,12 +118,8 @@ def _trilinear(base, ix, iy, iz, d, h, w, mask):
 
 @triton.jit
 def _forward_kernel(img_ptr, theta_ptr, out_ptr, n_c, d, h, w, od, oh, ow, BORDER: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    b = tl.program_id(1)
+    b, offs, mask, ix, iy, iz, _, _, _, _, _, _ = _position(theta_ptr, od, oh, ow, d, h, w, BORDER, BLOCK)
     n_out = od * oh * ow
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n_out
-    ix, iy, iz, _, _, _, _, _, _ = _position(theta_ptr, b, offs, od, oh, ow, d, h, w, BORDER)
     for c in range(n_c):
         plane = (b * n_c + c).to(tl.int64)
         v, _, _, _ = _trilinear(img_ptr + plane * (d * h * w), ix, iy, iz, d, h, w, mask)
@@ -147,12 +147,8 @@ def _store_moments(ptr, wx, wy, wz, ux, uy, uz):
 def _grad_theta_kernel(
     img_ptr, theta_ptr, go_ptr, part_ptr, n_c, d, h, w, od, oh, ow, BORDER: tl.constexpr, BLOCK: tl.constexpr
 ):
-    pid = tl.program_id(0)
-    b = tl.program_id(1)
+    b, offs, mask, ix, iy, iz, ux, uy, uz, cx, cy, cz = _position(theta_ptr, od, oh, ow, d, h, w, BORDER, BLOCK)
     n_out = od * oh * ow
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n_out
-    ix, iy, iz, ux, uy, uz, cx, cy, cz = _position(theta_ptr, b, offs, od, oh, ow, d, h, w, BORDER)
     wx = tl.zeros((BLOCK,), tl.float32)
     wy = tl.zeros((BLOCK,), tl.float32)
     wz = tl.zeros((BLOCK,), tl.float32)
@@ -163,7 +159,7 @@ def _grad_theta_kernel(
         wx += go * dx
         wy += go * dy
         wz += go * dz
-    row = part_ptr + (b * tl.num_programs(0) + pid).to(tl.int64) * 12
+    row = part_ptr + (b * tl.num_programs(0) + tl.program_id(0)).to(tl.int64) * 12
     _store_moments(row, wx * cx, wy * cy, wz * cz, ux, uy, uz)
 
 
@@ -184,12 +180,8 @@ def _loss_kernel(
     NCC: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    b = tl.program_id(1)
+    b, offs, mask, ix, iy, iz, ux, uy, uz, cx, cy, cz = _position(theta_ptr, od, oh, ow, d, h, w, BORDER, BLOCK)
     n_out = od * oh * ow
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n_out
-    ix, iy, iz, ux, uy, uz, cx, cy, cz = _position(theta_ptr, b, offs, od, oh, ow, d, h, w, BORDER)
     one = tl.where(mask, 1.0, 0.0)
     s_v = tl.zeros((BLOCK,), tl.float32)
     s_vv = tl.zeros((BLOCK,), tl.float32)
@@ -226,7 +218,7 @@ def _loss_kernel(
             ex += one * dx
             ey += one * dy
             ez += one * dz
-    row = part_ptr + (b * tl.num_programs(0) + pid).to(tl.int64) * (5 + 36)
+    row = part_ptr + (b * tl.num_programs(0) + tl.program_id(0)).to(tl.int64) * (5 + 36)
     tl.store(row + 0, tl.sum(s_v))
     tl.store(row + 1, tl.sum(s_vv))
     tl.store(row + 2, tl.sum(s_vf))
