@@ -111,10 +111,11 @@ def methods(kind: str, shape: tuple[int, ...], device: str) -> dict[str, Callabl
 
         def gs():
             x, c = image(), coef()
-            return (lambda: F.grid_sample(x, spline.with_params(c).sampling_grid(tuple(sp)), align_corners=False)), (
-                x,
-                c,
-            )
+
+            def fn():
+                return F.grid_sample(x, spline.with_params(c).sampling_grid(tuple(sp)), align_corners=False)
+
+            return fn, (x, c)
 
         def dense():
             x, c = image(), coef()

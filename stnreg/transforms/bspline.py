@@ -36,16 +36,19 @@ def _to_control_index(u: Tensor, n_ctrl: int) -> Tensor:
     return (u + 1.0) * (n_ctrl - 3) / 2.0 + 1.0
 
 
-def _basis_matrix(u: Tensor, n_ctrl: int) -> Tensor:
-    """Dense ``(len(u), n_ctrl)`` matrix of cubic B-spline weights at 1D positions ``u``."""
+def _taps(u: Tensor, n_ctrl: int) -> tuple[Tensor, Tensor]:
+    """The four control indices (int64, clamped to the lattice) and cubic weights, each ``(len(u), 4)``,
+    at 1D positions ``u``."""
     t = _to_control_index(u, n_ctrl)
     i = torch.floor(t)
-    w = cubic_bspline_weights(t - i)
-    mat = torch.zeros(u.shape[0], n_ctrl, dtype=u.dtype, device=u.device)
-    for o in range(4):
-        col = (i.long() + o - 1).clamp(0, n_ctrl - 1)
-        mat.scatter_add_(1, col.unsqueeze(1), w[:, o : o + 1])
-    return mat
+    idx = (i.long()[:, None] + torch.arange(-1, 3, device=u.device)).clamp(0, n_ctrl - 1)
+    return idx, cubic_bspline_weights(t - i)
+
+
+def _basis_matrix(u: Tensor, n_ctrl: int) -> Tensor:
+    """Dense ``(len(u), n_ctrl)`` matrix of cubic B-spline weights at 1D positions ``u``."""
+    idx, w = _taps(u, n_ctrl)
+    return torch.zeros(u.shape[0], n_ctrl, dtype=u.dtype, device=u.device).scatter_add_(1, idx, w)
 
 
 class BSpline(ParametricTransform):
@@ -140,21 +143,31 @@ class BSpline(ParametricTransform):
         Returns ``None`` when the output lattice's axes are not aligned with the control grid.
         """
         dtype, dev = self._dtype(), self._device()
-        pts, index_to_domain = output_lattice(out, dtype, dev)
-        m = self.domain.to(dev) @ index_to_domain
-        d = self.ndim
-        lin = m[:d, :d]
-        if not torch.allclose(lin, torch.diag(torch.diagonal(lin)), atol=1e-9):
+        positions = self._axis_positions(out, dev)
+        if positions is None:
             return None
-        shape = pts.shape[1:-1]
+        pts, _ = output_lattice(out, dtype, dev)
+        d = self.ndim
         field = self.params
         # Contract one spatial axis at a time: (N, d, c_z, c_y, c_x) -> (N, d, n_z, n_y, n_x).
-        for a in range(d):
-            n_out = shape[d - 1 - a]
-            u = (m[a, a] * torch.arange(n_out, dtype=torch.float64, device=dev) + m[a, d]).to(dtype)
-            basis = _basis_matrix(u, self.control_shape[d - 1 - a])
+        for a, u in enumerate(positions):
+            basis = _basis_matrix(u.to(dtype), self.control_shape[d - 1 - a])
             field = torch.movedim(torch.movedim(field, 2 + (d - 1 - a), -1) @ basis.T, -1, 2 + (d - 1 - a))
         return pts, torch.movedim(field, 1, -1)
+
+    def _axis_positions(
+        self, out: Sequence[int] | Grid, device: torch.device | str | None = None
+    ) -> list[Tensor] | None:
+        """Field-normalized positions (float64) of the output indices along each axis, ``(x, y, z)``
+        order, or ``None`` when the output lattice's axes are not aligned with the control grid."""
+        m = self.domain.to(device) @ index_to_domain(out, device)
+        d = self.ndim
+        if not torch.allclose(m[:d, :d], torch.diag(torch.diagonal(m[:d, :d])), atol=1e-9):
+            return None
+        shape = out.shape if isinstance(out, Grid) else tuple(int(s) for s in out)
+        return [
+            m[a, a] * torch.arange(shape[d - 1 - a], dtype=torch.float64, device=device) + m[a, d] for a in range(d)
+        ]
 
     def separable_tables(self, out: Sequence[int] | Grid) -> tuple[Tensor, ...] | None:
         """Per output axis, ``(x, y, z)`` order, the four control indices and cubic weights of every index.
@@ -163,20 +176,11 @@ class BSpline(ParametricTransform):
         int64 indices clamped to the control lattice as :meth:`displacement` clamps them, float64
         weights), or ``None`` when the output lattice is not aligned with the control grid.
         """
-        m = self.domain.cpu() @ index_to_domain(out)
-        d = self.ndim
-        if not torch.allclose(m[:d, :d], torch.diag(torch.diagonal(m[:d, :d])), atol=1e-9):
+        positions = self._axis_positions(out)
+        if positions is None:
             return None
-        shape = out.shape if isinstance(out, Grid) else tuple(int(s) for s in out)
-        tables: list[Tensor] = []
-        for a in range(d):
-            n_ctrl = self.control_shape[d - 1 - a]
-            u = m[a, a] * torch.arange(shape[d - 1 - a], dtype=torch.float64) + m[a, d]
-            t = _to_control_index(u, n_ctrl)
-            i = torch.floor(t)
-            tables.append((i.long()[:, None] + torch.arange(-1, 3)).clamp(0, n_ctrl - 1))
-            tables.append(cubic_bspline_weights(t - i))
-        return tuple(tables)
+        d = self.ndim
+        return tuple(t for a, u in enumerate(positions) for t in _taps(u, self.control_shape[d - 1 - a]))
 
     def mapped_lattice(self, out: Sequence[int] | Grid) -> Tensor:
         separable = self.displacement(out)
