@@ -358,7 +358,7 @@ def fused_bspline_warp(
 
     The input pixel position of output voxel ``i = (x, y, z)`` is ``K [i; 1] + R disp(i)``, with
     ``disp`` the B-spline displacement (``(x, y, z)`` components) whose separable weights are given
-    per axis. :meth:`stnreg.BSpline.fused_warp_args` builds every argument from a transform chain.
+    per axis. ``stnreg.warp._fused_bspline_args`` builds every argument from a transform chain.
 
     Args:
         image: ``(N, C, D, H, W)`` float32/float64 on the CPU; it gets no gradient (it must not need one).
