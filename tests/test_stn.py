@@ -31,6 +31,27 @@ def test_identity_initialized_and_trainable(transform):
     assert torch.isfinite(stn.head.bias.grad).all()
 
 
+@pytest.mark.parametrize(
+    "transform", [Affine(2), ThinPlateSpline(uniform_control_points((4, 4)))], ids=["affine", "tps"]
+)
+def test_every_parameter_trains_and_old_checkpoints_load(transform):
+    loc = nn.Sequential(nn.Flatten(), nn.Linear(16 * 16, 8), nn.Tanh())
+    stn = SpatialTransformer(loc, transform, features=8)
+    with torch.no_grad():
+        stn.head.weight.normal_(0, 0.1)
+    stn(torch.rand(2, 1, 16, 16)).square().sum().backward()
+    # No unused template parameters: DDP runs without find_unused_parameters.
+    assert all(p.grad is not None for p in stn.parameters())
+    assert not any(name.startswith("transform.params") for name in stn.state_dict())
+    # A state dict saved while the template still owned parameters loads strictly.
+    old = dict(stn.state_dict(), **{"transform.params": transform.identity_params(1)})
+    fresh = SpatialTransformer(nn.Sequential(nn.Flatten(), nn.Linear(16 * 16, 8), nn.Tanh()), transform, features=8)
+    fresh.load_state_dict(old)
+    x = torch.rand(2, 1, 16, 16)
+    torch.testing.assert_close(fresh(x), stn(x))
+    assert fresh.double()(x.double()).dtype == torch.float64
+
+
 def test_output_size_and_3d():
     loc = LocalizationCNN(2, 3, channels=(4,), features=8)
     stn = SpatialTransformer(loc, Affine(3), features=8, output_size=(6, 7, 8))

@@ -58,10 +58,18 @@ class SpatialTransformer(nn.Module):
         if not isinstance(transform, ParametricTransform):
             raise TypeError(f"transform must be a ParametricTransform family, got {type(transform).__name__}")
         self.localization = localization
-        self.transform = transform
+        # Keep the family and its configuration, not the template's own parameters: the head
+        # predicts θ, so they would sit in every optimizer and checkpoint without a gradient
+        # (and make DDP demand find_unused_parameters).
+        self.transform = transform.with_params(transform.identity_params(1))
         self.head = identity_head(features, transform)
         self.output_size = None if output_size is None else tuple(int(s) for s in output_size)
         self.mode, self.padding, self.antialias = mode, padding, antialias
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # Checkpoints written before the template dropped its parameters still carry them.
+        state_dict.pop(f"{prefix}transform.params", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def predict(self, x: Tensor) -> ParametricTransform:
         """The transform predicted for input ``x`` ``(N, C, *spatial)``."""
