@@ -11,11 +11,11 @@ in the same run. In 3D, stnreg runs its numba kernels on the CPU and its Triton 
 (``stnreg.fast``); ``STNREG_FAST=0`` would time the reference path instead.
 
     python benchmarks/sampler.py [--threads 1] [--repeats 5] [--device cpu|cuda] [--quick]
-                                 [--only warps|bspline|fused|lncc]
+                                 [--only warps|bspline|fused|lncc|mi]
 
 Writes ``benchmarks/results/sampler[-<device>][-<table>].md`` and ``.json``, with the fused affine
-similarity table (CPU and CUDA) and the LNCC table (CPU). ``benchmarks/gpu_check.sh`` is the one
-script for a lent GPU: kernel tests, then these tables.
+similarity table (CPU and CUDA), the LNCC and the mutual information tables (CPU). For a lent GPU,
+``benchmarks/gpu_check.py`` checks the CUDA path, then the kernel tests and these tables run.
 """
 
 from __future__ import annotations
@@ -365,6 +365,54 @@ def lncc_table(repeats: int, quick: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
+def mi_table(repeats: int, quick: bool) -> str:
+    """Mutual information (32 bins), forward + backward with the gradient to the warped image, every
+    voxel scored: stnreg's cubic B-spline Parzen histogram (16 scattered entries per voxel, analytic
+    gradient) against MONAI's ``GlobalMutualInformationLoss`` with its Gaussian and B-spline windows
+    (dense ``voxels x bins`` weights, autograd), at the MR->US ultrasound grid and a half-resolution
+    brain."""
+    from monai.losses import GlobalMutualInformationLoss
+
+    from stnreg.losses import mi_loss
+
+    shapes = [(1, 1, 22, 30, 20)] if quick else [(1, 1, 44, 59, 41), (1, 1, 80, 96, 112)]
+    methods = {
+        "stnreg": lambda a, b: mi_loss(a, b, 32, samples=None),
+        "MONAI gaussian": GlobalMutualInformationLoss("gaussian", num_bins=32),
+        "MONAI b-spline": GlobalMutualInformationLoss("b-spline", num_bins=32),
+    }
+    lines = [
+        "\n## Mutual information (32 bins, every voxel), forward + backward, gradient to the warped image\n",
+        "| shape | threads | " + " | ".join(f"{m} ms" for m in methods) + " | stnreg speed-up |",
+        "|---|---:|" + "---:|" * (len(methods) + 1),
+    ]
+    old = torch.get_num_threads()
+    for shape in shapes:
+        g = torch.Generator().manual_seed(0)
+        a = torch.rand(shape, generator=g).requires_grad_()
+        b = torch.rand(shape, generator=g)
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            times = {}
+            for name, fn in methods.items():
+
+                def run(fn=fn, a=a, b=b) -> None:
+                    a.grad = None
+                    fn(a, b).backward()
+
+                run()
+                times[name] = statistics.median(_time(run, "cpu") for _ in range(repeats))
+            fastest_other = min(t for n, t in times.items() if n != "stnreg")
+            lines.append(
+                f"| {'x'.join(map(str, shape))} | {threads} | "
+                + " | ".join(f"{1e3 * t:.1f}" for t in times.values())
+                + f" | {fastest_other / times['stnreg']:.1f}x |"
+            )
+            print(lines[-1], flush=True)
+    torch.set_num_threads(old)
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1)
@@ -372,7 +420,9 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--quick", action="store_true", help="small shapes, for a smoke run")
     ap.add_argument(
-        "--only", choices=["warps", "bspline", "fused", "lncc"], help="run one table (written to sampler-<table>.md)"
+        "--only",
+        choices=["warps", "bspline", "fused", "lncc", "mi"],
+        help="run one table (written to sampler-<table>.md)",
     )
     ap.add_argument("--probe", nargs=3, metavar=("KIND", "SHAPE", "NAME"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -384,7 +434,7 @@ def main() -> None:
     device = args.device
     card = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
     rows = []
-    for shape in [] if args.only in ("fused", "lncc") else QUICK_SHAPES if args.quick else SHAPES:
+    for shape in [] if args.only in ("fused", "lncc", "mi") else QUICK_SHAPES if args.quick else SHAPES:
         # B-splines only as in registration: 3D, no image gradient (the on-the-fly kernel's case).
         kinds = ("affine", "dense", "affine-reg", "dense-reg") + (("bspline-reg",) if len(shape) == 5 else ())
         if args.only == "bspline":
@@ -426,7 +476,7 @@ def main() -> None:
         "| shape | warp | method | fwd ms | ratio | fwd+bwd ms | ratio | peak MiB | fwd GB/s | copy GB/s |\n"
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|\n"
     )
-    body = "" if args.only in ("fused", "lncc") else header
+    body = "" if args.only in ("fused", "lncc", "mi") else header
     body += "".join(
         f"| {r['shape']} | {r['warp']} | {r['method']} | {r['fwd_ms']:.2f} | {r['fwd_ratio']:.2f} | "
         f"{r['fwd_bwd_ms']:.2f} | {r['fwd_bwd_ratio']:.2f} | {r['peak_mib']:.1f} | {r['fwd_gbps']:.2f} | "
@@ -437,6 +487,8 @@ def main() -> None:
         body += fused_similarity_table(args.repeats, args.quick, device)
     if device == "cpu" and args.only in (None, "lncc"):
         body += lncc_table(args.repeats, args.quick)
+    if device == "cpu" and args.only in (None, "mi"):
+        body += mi_table(args.repeats, args.quick)
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = "sampler" if device == "cpu" else f"sampler-{device}"
     if args.only:
