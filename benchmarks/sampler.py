@@ -305,7 +305,6 @@ def fused_similarity_table(repeats: int, quick: bool, device: str) -> str:
                 f"{voxels / t_fused / 1e6:.1f} | 8 | {flops} |"
             )
             print(lines[-1], flush=True)
-    torch.set_num_threads(old)
     return "\n".join(lines) + "\n"
 
 
@@ -323,6 +322,19 @@ def _lncc_time(a: torch.Tensor, b: torch.Tensor, fresh: bool, fast: bool, repeat
 
     run()
     return statistics.median(_time(run, "cpu") for _ in range(repeats))
+
+
+def _pairs_by_threads(shapes: list[tuple[int, ...]]):
+    """For each shape, a random image pair ``(a, b)`` (``a`` requires grad), with 1 then 2 threads."""
+    old = torch.get_num_threads()
+    for shape in shapes:
+        g = torch.Generator().manual_seed(0)
+        a = torch.rand(shape, generator=g).requires_grad_()
+        b = torch.rand(shape, generator=g)
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            yield shape, threads, a, b
+    torch.set_num_threads(old)
 
 
 def lncc_table(repeats: int, quick: bool) -> str:
@@ -343,25 +355,17 @@ def lncc_table(repeats: int, quick: bool) -> str:
         "| shape | threads | reference ms | fast ms | speed-up | fast, new fixed ms |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    old = torch.get_num_threads()
-    for shape in shapes:
-        g = torch.Generator().manual_seed(0)
-        a = torch.rand(shape, generator=g).requires_grad_()
-        b = torch.rand(shape, generator=g)
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-
-            times = {
-                name: _lncc_time(a, b, fresh, fast, repeats)
-                for name, fresh, fast in (("ref", False, False), ("fast", False, True), ("new", True, True))
-            }
-            os.environ.pop("STNREG_FAST", None)
-            lines.append(
-                f"| {'x'.join(map(str, shape))} | {threads} | {1e3 * times['ref']:.1f} | {1e3 * times['fast']:.1f} | "
-                f"{times['ref'] / times['fast']:.1f}x | {1e3 * times['new']:.1f} |"
-            )
-            print(lines[-1], flush=True)
-    torch.set_num_threads(old)
+    for shape, threads, a, b in _pairs_by_threads(shapes):
+        times = {
+            name: _lncc_time(a, b, fresh, fast, repeats)
+            for name, fresh, fast in (("ref", False, False), ("fast", False, True), ("new", True, True))
+        }
+        os.environ.pop("STNREG_FAST", None)
+        lines.append(
+            f"| {'x'.join(map(str, shape))} | {threads} | {1e3 * times['ref']:.1f} | {1e3 * times['fast']:.1f} | "
+            f"{times['ref'] / times['fast']:.1f}x | {1e3 * times['new']:.1f} |"
+        )
+        print(lines[-1], flush=True)
     return "\n".join(lines) + "\n"
 
 
@@ -386,30 +390,23 @@ def mi_table(repeats: int, quick: bool) -> str:
         "| shape | threads | " + " | ".join(f"{m} ms" for m in methods) + " | stnreg speed-up |",
         "|---|---:|" + "---:|" * (len(methods) + 1),
     ]
-    old = torch.get_num_threads()
-    for shape in shapes:
-        g = torch.Generator().manual_seed(0)
-        a = torch.rand(shape, generator=g).requires_grad_()
-        b = torch.rand(shape, generator=g)
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            times = {}
-            for name, fn in methods.items():
+    for shape, threads, a, b in _pairs_by_threads(shapes):
+        times = {}
+        for name, fn in methods.items():
 
-                def run(fn=fn, a=a, b=b) -> None:
-                    a.grad = None
-                    fn(a, b).backward()
+            def run(fn=fn, a=a, b=b) -> None:
+                a.grad = None
+                fn(a, b).backward()
 
-                run()
-                times[name] = statistics.median(_time(run, "cpu") for _ in range(repeats))
-            fastest_other = min(t for n, t in times.items() if n != "stnreg")
-            lines.append(
-                f"| {'x'.join(map(str, shape))} | {threads} | "
-                + " | ".join(f"{1e3 * t:.1f}" for t in times.values())
-                + f" | {fastest_other / times['stnreg']:.1f}x |"
-            )
-            print(lines[-1], flush=True)
-    torch.set_num_threads(old)
+            run()
+            times[name] = statistics.median(_time(run, "cpu") for _ in range(repeats))
+        fastest_other = min(t for n, t in times.items() if n != "stnreg")
+        lines.append(
+            f"| {'x'.join(map(str, shape))} | {threads} | "
+            + " | ".join(f"{1e3 * t:.1f}" for t in times.values())
+            + f" | {fastest_other / times['stnreg']:.1f}x |"
+        )
+        print(lines[-1], flush=True)
     return "\n".join(lines) + "\n"
 
 
