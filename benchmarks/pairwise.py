@@ -124,7 +124,7 @@ def sitk_method(bspline: bool) -> Callable:
         reg = sitk.ImageRegistrationMethod()
         reg.SetMetricAsMattesMutualInformation(32)
         reg.SetMetricSamplingStrategy(reg.RANDOM)
-        reg.SetMetricSamplingPercentage(0.2, seed=0)
+        reg.SetMetricSamplingPercentage(0.2, seed=1)  # seed 0 is sitkWallClock: a new sample every run
         reg.SetInterpolator(sitk.sitkLinear)
         reg.SetOptimizerAsRegularStepGradientDescent(1.0, 1e-4, 200)
         reg.SetOptimizerScalesFromPhysicalShift()
@@ -142,7 +142,7 @@ def sitk_method(bspline: bool) -> Callable:
             else:
                 reg2.SetMetricAsANTSNeighborhoodCorrelation(2)
             reg2.SetMetricSamplingStrategy(reg2.RANDOM)
-            reg2.SetMetricSamplingPercentage(0.2, seed=0)
+            reg2.SetMetricSamplingPercentage(0.2, seed=1)
             reg2.SetInterpolator(sitk.sitkLinear)
             reg2.SetOptimizerAsLBFGSB(1e-5, 100)
             reg2.SetShrinkFactorsPerLevel([2, 1])
@@ -328,6 +328,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     # ANTs is imported below (methods()) and reads this when it loads; SimpleITK is told directly.
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(args.threads)
+    # ANTs samples its MI at random, from the clock unless told: one pair's Affine Dice ranged from
+    # 0.00 to 0.73 between runs. A fixed seed makes the baseline repeatable.
+    os.environ.setdefault("ANTS_RANDOM_SEED", "1")
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
     table = methods(args.quick)
     if args.methods:
