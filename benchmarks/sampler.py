@@ -6,12 +6,14 @@ bytes per second (image read + coordinates read + output written; no coordinates
 fused 3D affine warp, which makes them on the fly) against a plain copy of the same number of
 bytes. Warp kinds: ``affine`` and ``dense`` (gradients to the image and to the warp's parameters
 or coordinates), and ``affine-reg`` / ``dense-reg``, the registration case, where only
-the warp's parameters or coordinates need a gradient. Ratios are against ``grid_sample`` measured
+the warp's parameters or coordinates need a gradient; ``bspline-reg`` and ``tps-reg`` (3D, the
+latter alone with ``--only tps`` at two mid sizes) are the spline cases of registration, the
+gradient going to the coefficients or control point targets. Ratios are against ``grid_sample`` measured
 in the same run. In 3D, stnreg runs its numba kernels on the CPU and its Triton kernels on CUDA
 (``stnreg.fast``); ``STNREG_FAST=0`` would time the reference path instead.
 
     python benchmarks/sampler.py [--threads 1] [--repeats 5] [--device cpu|cuda] [--quick]
-                                 [--only warps|bspline|fused|lncc|mi]
+                                 [--only warps|bspline|tps|fused|lncc|mi]
 
 Writes ``benchmarks/results/sampler[-<device>][-<table>].md`` and ``.json``, with the fused affine
 similarity table (CPU and CUDA), the LNCC and the mutual information tables (CPU). For a lent GPU,
@@ -127,6 +129,29 @@ def methods(kind: str, shape: tuple[int, ...], device: str) -> dict[str, Callabl
 
         out = {"grid_sample": gs, "field + stnreg.sample": dense, "stnreg.warp(BSpline)": ours}
         fused_moved = 2 * image_bytes
+    elif kind == "tps":
+        # 125 control points (5 per axis), what register()'s TPS stage places on a prostate volume.
+        cp = stnreg.uniform_control_points((5, 5, 5)) * 0.95
+        family = stnreg.ThinPlateSpline(cp).to(device)
+
+        def targets():
+            g = torch.Generator().manual_seed(2)
+            return (cp + 0.02 * torch.randn(n, 125, 3, generator=g)).to(device).requires_grad_()
+
+        def gs():
+            x, t = image(), targets()
+
+            def fn():
+                return F.grid_sample(x, family.with_params(t).sampling_grid(tuple(sp)), align_corners=False)
+
+            return fn, (x, t)
+
+        def ours():
+            x, t = image(), targets()
+            return (lambda: stnreg.warp(x, family.with_params(t))), (x, t)
+
+        out = {"grid_sample": gs, "stnreg.warp(ThinPlateSpline)": ours}
+        fused_moved = 2 * image_bytes
     else:
 
         def coords():
@@ -160,7 +185,7 @@ def methods(kind: str, shape: tuple[int, ...], device: str) -> dict[str, Callabl
             "stnreg.warp(Displacement)": ours,
             "monai.Warp": monai_,
         }
-    fused = ("stnreg.warp(Affine)", "stnreg.warp(BSpline)")
+    fused = ("stnreg.warp(Affine)", "stnreg.warp(BSpline)", "stnreg.warp(ThinPlateSpline)")
     return {k: (v, fused_moved if k in fused else moved) for k, v in out.items()}
 
 
@@ -418,7 +443,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small shapes, for a smoke run")
     ap.add_argument(
         "--only",
-        choices=["warps", "bspline", "fused", "lncc", "mi"],
+        choices=["warps", "bspline", "tps", "fused", "lncc", "mi"],
         help="run one table (written to sampler-<table>.md)",
     )
     ap.add_argument("--probe", nargs=3, metavar=("KIND", "SHAPE", "NAME"), help=argparse.SUPPRESS)
@@ -431,11 +456,15 @@ def main() -> None:
     device = args.device
     card = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
     rows = []
-    for shape in [] if args.only in ("fused", "lncc", "mi") else QUICK_SHAPES if args.quick else SHAPES:
-        # B-splines only as in registration: 3D, no image gradient (the on-the-fly kernel's case).
+    shapes = [] if args.only in ("fused", "lncc", "mi") else QUICK_SHAPES if args.quick else SHAPES
+    if args.only == "tps":
+        # The dense TPS basis (voxels x 125 floats, kept for the backward) rules out the full brain.
+        shapes = [QUICK_SHAPES[2]] if args.quick else [(1, 1, 48, 56, 64), (1, 1, 80, 96, 112)]
+    for shape in shapes:
+        # Splines only as in registration: 3D, no image gradient (the on-the-fly kernels' case).
         kinds = ("affine", "dense", "affine-reg", "dense-reg") + (("bspline-reg",) if len(shape) == 5 else ())
-        if args.only == "bspline":
-            kinds = ("bspline-reg",) if len(shape) == 5 else ()
+        if args.only in ("bspline", "tps"):
+            kinds = (f"{args.only}-reg",) if len(shape) == 5 else ()
         for kind in kinds:
             table = methods(kind, shape, device)
             copy_s = copy_time(next(iter(table.values()))[1], device, args.repeats)

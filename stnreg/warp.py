@@ -10,12 +10,13 @@ from torch import Tensor
 
 from ._checks import check_image
 from .coords import Grid
-from .fast import fast_available, fused_affine_warp, fused_available, fused_bspline_warp
+from .fast import fast_available, fused_affine_warp, fused_available, fused_bspline_warp, fused_tps_warp
 from .image import Image
 from .sampler import sample
 from .transforms.base import Composite, Transform, index_to_domain
 from .transforms.bspline import BSpline
 from .transforms.matrix import MatrixTransform
+from .transforms.tps import ThinPlateSpline
 
 __all__ = ["apply", "warp"]
 
@@ -69,13 +70,53 @@ def warp(
         theta = transform.affine_theta(out, source).to(image.dtype)
         return fused_affine_warp(image, theta, tuple(out.shape if isinstance(out, Grid) else out), padding)
     if image.dim() == 5 and mode == "linear" and not antialias and not image.requires_grad:
-        args = _fused_bspline_args(image, transform, out, source) if fast_available(image, padding) else None
+        fast = fast_available(image, padding)
+        out_shape = tuple(out.shape if isinstance(out, Grid) else out)
+        args = _fused_bspline_args(image, transform, out, source) if fast else None
         if args is not None:
             # The displacement evaluated on the fly from the coefficients (stnreg.fast): no field,
             # no grid, and the backward goes straight to the coefficients.
-            return fused_bspline_warp(image, *args, tuple(out.shape if isinstance(out, Grid) else out), padding)
+            return fused_bspline_warp(image, *args, out_shape, padding)
+        args = _fused_tps_args(image, transform, out, source) if fast else None
+        if args is not None:
+            return fused_tps_warp(image, *args, out_shape, padding)
     coords = transform.sampling_grid(out, source)
     return sample(image, coords, mode=mode, padding=padding, antialias=antialias)
+
+
+def _spline_and_pixel_map(image: Tensor, transform: Transform, source: Grid | None) -> tuple[Transform, Tensor] | None:
+    """The innermost transform of a chain and ``(N or 1, 4, 4)`` float64 from its output point to
+    the input pixel (constant matrices applied after it, the source's world-to-normalized map and
+    normalized-to-pixel); ``None`` when a matrix of the chain needs a gradient or is no affine."""
+    spline, head = transform, None
+    if isinstance(transform, Composite):
+        spline = transform.transforms[-1]
+        head = transform._head_matrix()
+        if head is None or head.requires_grad:
+            return None
+    d, h, w = image.shape[2:]
+    # Normalized to pixel coordinates, align_corners=False: r = (n g + n - 1) / 2 per axis.
+    m = torch.tensor(
+        [[w / 2, 0, 0, (w - 1) / 2], [0, h / 2, 0, (h - 1) / 2], [0, 0, d / 2, (d - 1) / 2], [0, 0, 0, 1]],
+        dtype=torch.float64,
+    )
+    if source is not None:
+        m = m @ source.world_to_normalized()
+    if head is not None:
+        m = m @ head.detach().double().cpu()
+    return spline, m.reshape(-1, 4, 4)
+
+
+def _fused_tps_args(
+    image: Tensor, transform: Transform, out: Sequence[int] | Grid, source: Grid | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+    """``(coef, control_points, P, M)`` of :func:`~stnreg.fast.fused_tps_warp` for a 3D thin-plate
+    spline, alone or after constant affine matrices; else ``None``."""
+    chain = _spline_and_pixel_map(image, transform, source)
+    if chain is None or not isinstance(chain[0], ThinPlateSpline):
+        return None
+    spline, m = chain
+    return spline.coefficients(), spline.control_points, index_to_domain(out)[:3], m[:, :3, :]
 
 
 def _fused_bspline_args(
@@ -88,31 +129,16 @@ def _fused_bspline_args(
     with ``p`` the output voxel's point: ``K`` maps the output index to the pixel position of ``p``,
     ``R`` the displacement to pixels, all in float64.
     """
-    spline, head = transform, None
-    if isinstance(transform, Composite):
-        spline = transform.transforms[-1]
-        head = transform._head_matrix()
-        if head is None or head.requires_grad:
-            return None
-    if not isinstance(spline, BSpline):
+    chain = _spline_and_pixel_map(image, transform, source)
+    if chain is None or not isinstance(chain[0], BSpline):
         return None
+    spline, m = chain
     voxels = math.prod(out.shape if isinstance(out, Grid) else out)
     if spline.params.requires_grad and voxels < _BSPLINE_ON_THE_FLY_MIN:
         return None
     tables = spline.separable_tables(out)
     if tables is None:
         return None
-    d, h, w = image.shape[2:]
-    # Normalized to pixel coordinates, align_corners=False: r = (n g + n - 1) / 2 per axis.
-    m = torch.tensor(
-        [[w / 2, 0, 0, (w - 1) / 2], [0, h / 2, 0, (h - 1) / 2], [0, 0, d / 2, (d - 1) / 2], [0, 0, 0, 1]],
-        dtype=torch.float64,
-    )
-    if source is not None:
-        m = m @ source.world_to_normalized()
-    if head is not None:
-        m = m @ head.detach().double().cpu()
-    m = m.reshape(-1, 4, 4)
     k = (m @ index_to_domain(out))[:, :3, :]
     return spline.params, k, m[:, :3, :3], tables
 

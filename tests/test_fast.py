@@ -331,3 +331,94 @@ def test_bspline_on_the_fly_is_deterministic_and_gradchecks(monkeypatch):
     _, k, r, tables = _fused_bspline_args(img64, spline.with_params(coef), (6, 7, 8), None)
     p64 = coef.double().requires_grad_()
     assert torch.autograd.gradcheck(lambda c: fused_bspline_warp(img64, c, k, r, tables, (6, 7, 8), "zeros"), (p64,))
+
+
+def _count_tps_calls(monkeypatch) -> list:
+    import stnreg.fast as fast
+
+    calls = []
+    original = fast._FusedTPS.apply
+    monkeypatch.setattr(fast._FusedTPS, "apply", lambda *a: calls.append(1) or original(*a))
+    return calls
+
+
+@pytest.mark.parametrize("padding", ["zeros", "border"])
+@pytest.mark.parametrize("channels", [1, 2])
+def test_tps_warp_on_the_fly_matches_the_reference(monkeypatch, padding, channels):
+    calls = _count_tps_calls(monkeypatch)
+    g = torch.Generator().manual_seed(10)
+    image = torch.rand(2, channels, 12, 14, 16, generator=g)
+    cp = stnreg.uniform_control_points((3, 3, 3)) * 0.9
+    spline = stnreg.ThinPlateSpline(cp)
+    params = cp + 0.08 * torch.randn(2, 27, 3, generator=g)
+    (fast_out, fast_grad), (ref_out, ref_grad) = _warp_twice(
+        monkeypatch, image, spline.with_params, params, out=(10, 13, 15), padding=padding
+    )
+    assert len(calls) == 1
+    torch.testing.assert_close(fast_out, ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast_grad, ref_grad, atol=1e-4 * ref_grad.abs().max().item(), rtol=1e-4)
+
+
+def test_tps_in_world_space_after_matrices_matches_the_reference(monkeypatch):
+    calls = _count_tps_calls(monkeypatch)
+    g = torch.Generator().manual_seed(11)
+    c, s = 0.96, 0.28  # an oblique source grid, unlike the fixed one
+    source = stnreg.Grid(
+        (16, 18, 20),
+        spacing=(1.2, 1.0, 0.9),
+        origin=(-9.0, -10.0, -8.0),
+        direction=((c, -s, 0.0), (s, c, 0.0), (0.0, 0.0, 1.0)),
+    )
+    fixed = stnreg.Grid((13, 15, 17), spacing=(1.3, 1.1, 1.0), origin=(-8.0, -7.0, -6.0))
+    image = torch.rand(1, 1, *source.shape, generator=g)
+    cp = torch.rand(20, 3, generator=g) * torch.tensor([17.0, 15.0, 13.0]) + torch.tensor([-8.0, -7.0, -6.0])
+    spline = stnreg.ThinPlateSpline(cp)
+    affine = stnreg.Affine(3, params=(torch.eye(3, 4) + 0.03 * torch.randn(3, 4, generator=g)).unsqueeze(0))
+    params = cp + 0.7 * torch.randn(1, 20, 3, generator=g)
+    (fast_out, fast_grad), (ref_out, ref_grad) = _warp_twice(
+        monkeypatch,
+        image,
+        lambda p: affine.compose(spline.with_params(p)),
+        params,
+        out=fixed,
+        source=source,
+        padding="border",
+    )
+    assert len(calls) == 1
+    torch.testing.assert_close(fast_out, ref_out, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(fast_grad, ref_grad, atol=1e-4 * ref_grad.abs().max().item(), rtol=1e-4)
+    # A matrix being optimized, an image that needs a gradient, or a 2D spline take the reference path.
+    moving = affine.with_params(affine.params.clone().requires_grad_())
+    stnreg.warp(image, moving.compose(spline.with_params(params)), fixed, source)
+    stnreg.warp(image.clone().requires_grad_(), spline.with_params(params), fixed, source)
+    cp2 = stnreg.uniform_control_points((3, 3))
+    stnreg.warp(torch.rand(1, 1, 8, 9), stnreg.ThinPlateSpline(cp2, params=cp2[None] * 0.9))
+    assert len(calls) == 1
+
+
+def test_tps_on_the_fly_is_deterministic_and_gradchecks(monkeypatch):
+    from stnreg.fast import fused_tps_warp
+    from stnreg.warp import _fused_tps_args
+
+    calls = _count_tps_calls(monkeypatch)
+    g = torch.Generator().manual_seed(12)
+    image = torch.rand(1, 1, 9, 10, 11, generator=g)
+    cp = stnreg.uniform_control_points((2, 2, 3)) * 0.8
+    spline = stnreg.ThinPlateSpline(cp)
+    params = cp + 0.1 * torch.randn(1, 12, 3, generator=g)
+    grads = []
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            p = params.clone().requires_grad_()
+            grads.append(torch.autograd.grad(stnreg.warp(image, spline.with_params(p)).square().sum(), p)[0])
+    finally:
+        torch.set_num_threads(old)
+    assert len(calls) == 2 and torch.equal(grads[0], grads[1])
+    img64 = image.double()
+    _, cps, p_map, m = _fused_tps_args(img64, spline.with_params(params), (6, 7, 8), None)
+    coef = spline.with_params(params.double()).coefficients().detach().requires_grad_()
+    assert torch.autograd.gradcheck(lambda c: fused_tps_warp(img64, c, cps, p_map, m, (6, 7, 8)), (coef,))
+    with pytest.raises(ValueError, match="coefficients"):
+        fused_tps_warp(img64, coef[:, :-1], cps, p_map, m, (6, 7, 8))

@@ -8,7 +8,10 @@
 - :func:`fused_bspline_warp` (used by :func:`stnreg.warp` for cubic B-splines on aligned
   lattices, after any matrices): the displacement is evaluated on the fly from the coefficients,
   separably per row, and the backward returns ``∂L/∂coefficients`` directly.
-- :func:`fast_sample` (used by :func:`stnreg.sample`, so by every dense, B-spline and TPS warp):
+- :func:`fused_tps_warp` (used by :func:`stnreg.warp` for 3D thin-plate splines, after any
+  matrices): the spline is evaluated per voxel from its coefficients, so no ``voxels x K`` basis
+  exists, and the backward returns ``∂L/∂coefficients`` directly.
+- :func:`fast_sample` (used by :func:`stnreg.sample`, so by every other dense, B-spline and TPS warp):
   trilinear sampling at given coordinates; the forward keeps ``∂out/∂coords`` (one channel always,
   more within ``_KEEP_DERIVATIVE_MAX``) so the backward is a product, not a second gather pass.
 - :func:`fast_lncc` (used by :func:`stnreg.losses.lncc_loss`): box filters by running sums and the
@@ -47,6 +50,7 @@ __all__ = [
     "fused_affine_warp",
     "fused_available",
     "fused_bspline_warp",
+    "fused_tps_warp",
 ]
 
 _NOTICE_GIVEN = False
@@ -65,9 +69,9 @@ def _kernels():
             if "NUMBA_THREADING_LAYER" not in os.environ:
                 # A pool that sleeps between calls: OpenMP's spinning workers slowed everything else.
                 numba.config.THREADING_LAYER = "workqueue"
-            from . import affine_cpu, bspline_cpu, field_cpu, lncc_cpu
+            from . import affine_cpu, bspline_cpu, field_cpu, lncc_cpu, tps_cpu
 
-            _KERNELS = {**affine_cpu.KERNELS, **field_cpu.KERNELS, **bspline_cpu.KERNELS}
+            _KERNELS = {**affine_cpu.KERNELS, **field_cpu.KERNELS, **bspline_cpu.KERNELS, **tps_cpu.KERNELS}
             _KERNELS["field3d_grad_image"] = field_cpu.grad_image
             _KERNELS["bspline3d_spread_z"] = bspline_cpu.spread_z
             _KERNELS["affine2d_grad_image"] = affine_cpu.affine2d_grad_image
@@ -375,6 +379,77 @@ def fused_bspline_warp(
     n = max(image.shape[0], coef.shape[0], k.shape[0])
     image = image.expand(n, *image.shape[1:]) if image.shape[0] != n else image
     return _FusedBSpline.apply(image, coef, k, r, tables, tuple(int(s) for s in out_shape), padding == "border")
+
+
+class _FusedTPS(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, image, coef, control_points, p, m, out_shape, border):
+        img = image.detach().contiguous()
+        n = img.shape[0]
+        cf = coef.detach().to(torch.float64).expand(n, *coef.shape[1:]).contiguous()
+        _check_finite(cf)
+        cp = control_points.detach().to(torch.float64).contiguous()
+        pp = p.to(torch.float64).contiguous()
+        mm = m.to(torch.float64).expand(n, 3, 4).contiguous()
+        out = torch.empty((n, img.shape[1], *out_shape), dtype=img.dtype)
+        args = (_flat(img).numpy(), cf.numpy(), cp.numpy(), pp.numpy(), mm.numpy(), out.numpy())
+        _kernel("tps3d_forward")(n, out_shape[0], *args, *img.shape[2:], border)
+        ctx.save_for_backward(img, cf, cp, pp, mm)
+        ctx.border, ctx.coef_shape, ctx.coef_dtype = border, coef.shape, coef.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        img, cf, cp, pp, mm = ctx.saved_tensors
+        grad_coef = None
+        if ctx.needs_input_grad[1]:
+            go = grad_out.contiguous().to(img.dtype)
+            n, od = go.shape[0], go.shape[2]
+            partial = torch.zeros((n, od, *cf.shape[1:]), dtype=torch.float64)
+            args = (_flat(img).numpy(), cf.numpy(), cp.numpy(), pp.numpy(), mm.numpy(), go.numpy(), partial.numpy())
+            _kernel("tps3d_grad")(n, od, *args, *img.shape[2:], ctx.border)
+            # Slices summed in order on one thread: the same bits for any thread count.
+            grad = partial.sum(1)
+            if ctx.coef_shape[0] != n:
+                grad = grad.sum(0, keepdim=True)
+            grad_coef = grad.to(ctx.coef_dtype)
+        return None, grad_coef, None, None, None, None, None
+
+
+def fused_tps_warp(
+    image: Tensor,
+    coef: Tensor,
+    control_points: Tensor,
+    p: Tensor,
+    m: Tensor,
+    out_shape: tuple[int, int, int],
+    padding: str = "zeros",
+) -> Tensor:
+    """Warp by a 3D thin-plate spline evaluated on the fly: the kernel behind :func:`stnreg.warp` for TPS.
+
+    Output voxel ``i = (x, y, z)`` is the domain point ``q = p [i; 1]``, the spline maps it to
+    ``T(q)`` (see :mod:`stnreg.fast.tps_cpu`), and the input pixel position is ``m [T(q); 1]``.
+    ``stnreg.warp._fused_tps_args`` builds every argument from a transform chain.
+
+    Args:
+        image: ``(N, C, D, H, W)`` float32/float64 on the CPU; it gets no gradient (it must not need one).
+        coef: ``(N or 1, K + 4, 3)`` spline coefficients (:meth:`ThinPlateSpline.coefficients`); the
+            gradient flows to them.
+        control_points: ``(K, 3)`` in domain coordinates, ``(x, y, z)`` order.
+        p: ``(3, 4)`` output index to domain point; ``m``: ``(N or 1, 3, 4)`` domain point to input
+            pixel (float64, no gradient).
+        out_shape: ``(D', H', W')``.
+        padding: ``"zeros"`` or ``"border"``.
+    """
+    if image.requires_grad:
+        raise ValueError("fused_tps_warp returns no image gradient; detach the image or use sample()")
+    k = control_points.shape[0]
+    if coef.dim() != 3 or tuple(coef.shape[1:]) != (k + 4, 3):
+        raise ValueError(f"need coefficients (N, {k + 4}, 3) for {k} control points, got {tuple(coef.shape)}")
+    check_batch(image.shape[0], coef.shape[0], "image and coefficients")
+    n = max(image.shape[0], coef.shape[0], m.shape[0])
+    image = image.expand(n, *image.shape[1:]) if image.shape[0] != n else image
+    return _FusedTPS.apply(image, coef, control_points, p, m, tuple(int(s) for s in out_shape), padding == "border")
 
 
 # Multi-channel samples (fields sampled by fields in scaling and squaring) keep ∂out/∂coords, 3C
