@@ -251,6 +251,18 @@ def test_bspline_warp_on_the_fly_matches_the_reference(monkeypatch, padding, cha
     torch.testing.assert_close(fast_grad, ref_grad, atol=1e-4 * ref_grad.abs().max().item(), rtol=1e-5)
 
 
+def _oblique_source_and_fixed() -> tuple[stnreg.Grid, stnreg.Grid]:
+    """A moving grid that is oblique and anisotropic, unlike the fixed one, both in mm."""
+    c, s = 0.96, 0.28
+    source = stnreg.Grid(
+        (16, 18, 20),
+        spacing=(1.2, 1.0, 0.9),
+        origin=(-9.0, -10.0, -8.0),
+        direction=((c, -s, 0.0), (s, c, 0.0), (0.0, 0.0, 1.0)),
+    )
+    return source, stnreg.Grid((13, 15, 17), spacing=(1.3, 1.1, 1.0), origin=(-8.0, -7.0, -6.0))
+
+
 def test_bspline_in_world_space_after_matrices_matches_the_reference(monkeypatch):
     import stnreg.fast as fast
 
@@ -258,14 +270,7 @@ def test_bspline_in_world_space_after_matrices_matches_the_reference(monkeypatch
     original = fast._FusedBSpline.apply
     monkeypatch.setattr(fast._FusedBSpline, "apply", lambda *a: calls.append(1) or original(*a))
     g = torch.Generator().manual_seed(7)
-    c, s = 0.96, 0.28  # an oblique source grid, unlike the fixed one
-    source = stnreg.Grid(
-        (16, 18, 20),
-        spacing=(1.2, 1.0, 0.9),
-        origin=(-9.0, -10.0, -8.0),
-        direction=((c, -s, 0.0), (s, c, 0.0), (0.0, 0.0, 1.0)),
-    )
-    fixed = stnreg.Grid((13, 15, 17), spacing=(1.3, 1.1, 1.0), origin=(-8.0, -7.0, -6.0))
+    source, fixed = _oblique_source_and_fixed()
     image = torch.rand(1, 1, *source.shape, generator=g)
     spline = stnreg.BSpline.for_grid(fixed, 4)
     affine = stnreg.Affine(3, params=(torch.eye(3, 4) + 0.03 * torch.randn(3, 4, generator=g)).unsqueeze(0))
@@ -362,14 +367,7 @@ def test_tps_warp_on_the_fly_matches_the_reference(monkeypatch, padding, channel
 def test_tps_in_world_space_after_matrices_matches_the_reference(monkeypatch):
     calls = _count_tps_calls(monkeypatch)
     g = torch.Generator().manual_seed(11)
-    c, s = 0.96, 0.28  # an oblique source grid, unlike the fixed one
-    source = stnreg.Grid(
-        (16, 18, 20),
-        spacing=(1.2, 1.0, 0.9),
-        origin=(-9.0, -10.0, -8.0),
-        direction=((c, -s, 0.0), (s, c, 0.0), (0.0, 0.0, 1.0)),
-    )
-    fixed = stnreg.Grid((13, 15, 17), spacing=(1.3, 1.1, 1.0), origin=(-8.0, -7.0, -6.0))
+    source, fixed = _oblique_source_and_fixed()
     image = torch.rand(1, 1, *source.shape, generator=g)
     cp = torch.rand(20, 3, generator=g) * torch.tensor([17.0, 15.0, 13.0]) + torch.tensor([-8.0, -7.0, -6.0])
     spline = stnreg.ThinPlateSpline(cp)
