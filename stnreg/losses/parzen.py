@@ -20,6 +20,7 @@ from torch import Tensor
 __all__ = ["parzen_mutual_information"]
 
 _OFFSETS = torch.arange(4)
+_TINY = 1e-300  # keeps log(0) finite for empty bins, far below any bin's mass
 
 
 def _window(x: Tensor, bins: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -32,7 +33,7 @@ def _window(x: Tensor, bins: int) -> tuple[Tensor, Tensor, Tensor]:
     w = torch.stack([g * g * g / 6, (3 * f3 - 6 * f2 + 4) / 6, (-3 * f3 + 3 * f2 + 3 * f + 1) / 6, f3 / 6], -1)
     dw = torch.stack([-g * g / 2, 1.5 * f2 - 2 * f, -1.5 * f2 + f + 0.5, f2 / 2], -1) * (bins - 1)
     dw = dw * ((x >= 0) & (x <= 1)).unsqueeze(-1)
-    # Bins first-1 .. first+2, shifted by one so that the window's reach below bin 0 has a row.
+    # The window covers bins first-1 .. first+2; callers index them shifted by one (rows 0 .. bins+1).
     return w, dw, first.long()
 
 
@@ -49,11 +50,10 @@ class _ParzenMI(torch.autograd.Function):
         hist = torch.zeros(n * k * k, dtype=torch.float64, device=a.device)
         hist.index_add_(0, flat.reshape(-1), mass.reshape(-1).double())
         hist = hist.view(n, k, k)
-        total = hist.sum((1, 2)).clamp_min(1e-300)
+        total = hist.sum((1, 2)).clamp_min(_TINY)
         p = hist / total.view(n, 1, 1)
         pa, pb = p.sum(2), p.sum(1)
-        tiny = 1e-300
-        g = torch.log(p + tiny) - torch.log(pa + tiny).unsqueeze(2) - torch.log(pb + tiny).unsqueeze(1)
+        g = torch.log(p + _TINY) - torch.log(pa + _TINY).unsqueeze(2) - torch.log(pb + _TINY).unsqueeze(1)
         mi = (p * g).sum((1, 2))
         ctx.save_for_backward(wa, dwa, wb, dwb, flat, weight, (g / total.view(n, 1, 1)).to(a.dtype))
         return mi.to(a.dtype)
