@@ -13,7 +13,7 @@ in the same run. In 3D, stnreg runs its numba kernels on the CPU and its Triton 
 (``stnreg.fast``); ``STNREG_FAST=0`` would time the reference path instead.
 
     python benchmarks/sampler.py [--threads 1] [--repeats 5] [--device cpu|cuda] [--quick]
-                                 [--only warps|bspline|tps|fused|lncc|mi]
+                                 [--only warps|bspline|tps|fused|kernels|lncc|mi]
 
 Writes ``benchmarks/results/sampler[-<device>][-<table>].md`` and ``.json``, with the fused affine
 similarity table (CPU and CUDA), the LNCC and the mutual information tables (CPU). For a lent GPU,
@@ -23,6 +23,7 @@ similarity table (CPU and CUDA), the LNCC and the mutual information tables (CPU
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import statistics
@@ -333,6 +334,94 @@ def fused_similarity_table(repeats: int, quick: bool, device: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _peak_bandwidth() -> float | None:
+    """The card's nominal memory bandwidth in bytes/s (NVML: 2 x memory clock x bus width), if NVML answers."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+        clock_mhz = pynvml.nvmlDeviceGetMaxClockInfo(handle, pynvml.NVML_CLOCK_MEM)
+        bus_bits = pynvml.nvmlDeviceGetMemoryBusWidth(handle)
+    except Exception:  # no pynvml or a driver that does not report: the copy column still stands
+        return None
+    return 2 * clock_mhz * 1e6 * bus_bits / 8
+
+
+def kernel_table(quick: bool) -> str:
+    """CUDA: GPU time of the Triton kernels behind the 3D affine warp, against the card's bandwidth.
+
+    ``triton.testing.do_bench`` (median, L2 flushed before each call) times the kernels alone, so
+    that the Python work of a call (argument checks, the finiteness test of θ) does not hide what
+    the GPU does; the public ``stnreg.warp`` row is the whole call. Bytes are those a kernel must
+    move at least: image read once and output written (forward), image and output gradient read
+    (θ gradient), image and fixed image read (fused loss). The last rows try other block sizes and
+    warp counts of the forward kernel, to show whether the default is the card's best.
+    """
+    import triton
+    from triton.testing import do_bench
+
+    from stnreg.fast import affine_cuda
+
+    peak = _peak_bandwidth()
+    sp = QUICK_SHAPES[2][2:] if quick else SHAPES[2][2:]
+    voxels = torch.Size(sp).numel()
+    lines = [
+        f"\n## Triton kernels of the 3D affine warp, GPU time ({'x'.join(map(str, sp))} per item)\n",
+        f"Nominal bandwidth (NVML): {peak / 1e9:.0f} GB/s.\n" if peak else "Nominal bandwidth: NVML unavailable.\n",
+        "| batch | kernel | µs | Gvoxel/s | GB/s | % of copy | % of nominal |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
+
+    def row(n: int, name: str, fn: Callable[[], object], nbytes: int, copy_gbps: float | None) -> float:
+        t = do_bench(fn, warmup=10, rep=50, return_mode="median") * 1e-3
+        gbps = nbytes / t / 1e9
+        of_copy = 100 * gbps / (copy_gbps or gbps)
+        nominal = f"{100 * gbps * 1e9 / peak:.0f}" if peak else ""
+        lines.append(
+            f"| {n} | {name} | {1e6 * t:.1f} | {n * voxels / t / 1e9:.2f} | {gbps:.0f} | {of_copy:.0f} | {nominal} |"
+        )
+        print(lines[-1], flush=True)
+        return gbps
+
+    def batch(n: int) -> None:
+        g = torch.Generator().manual_seed(0)
+        img = torch.rand(n, 1, *sp, generator=g).cuda()
+        fixed = torch.rand(n, 1, *sp, generator=g).cuda()
+        theta = _theta(n, 3, "cuda").contiguous()
+        go = torch.randn(n, 1, *sp, generator=g).cuda()
+        out = torch.empty_like(img)
+        nbytes = 2 * img.numel() * 4
+        copy_gbps = row(n, "copy (torch)", lambda: out.copy_(img), nbytes, None)
+        row(n, "forward", lambda: affine_cuda.forward(img, theta, sp, False), nbytes, copy_gbps)
+        row(n, "θ gradient", lambda: affine_cuda.grad_theta(img, theta, go, False), nbytes, copy_gbps)
+        for loss in ("mse", "ncc"):
+            fused = functools.partial(affine_cuda.loss_sums, img, fixed, theta, False, loss == "ncc")
+            row(n, f"fused {loss} + θ gradient", fused, nbytes, copy_gbps)
+
+        def ref():
+            grid = F.affine_grid(theta, [n, 1, *sp], align_corners=False)
+            return F.grid_sample(img, grid, align_corners=False)
+
+        # affine_grid writes the grid and grid_sample reads it back.
+        row(n, "affine_grid + grid_sample", ref, nbytes + 2 * n * voxels * 3 * 4, copy_gbps)
+        family = stnreg.Affine(3).cuda().with_params(theta)
+        row(n, "stnreg.warp(Affine), whole call", lambda: stnreg.warp(img, family), nbytes, copy_gbps)
+        for block, warps in ((256, 4), (512, 8), (1024, 4), (1024, 8), (2048, 8)):
+
+            def launch(block=block, warps=warps):
+                grid = (triton.cdiv(voxels, block), n)
+                affine_cuda._forward_kernel[grid](
+                    img, theta, out, 1, *sp, *sp, BORDER=False, BLOCK=block, num_warps=warps
+                )
+
+            row(n, f"forward, BLOCK {block}, {warps} warps", launch, nbytes, copy_gbps)
+
+    batch(1)
+    batch(4)
+    return "\n".join(lines) + "\n"
+
+
 def _lncc_time(a: torch.Tensor, b: torch.Tensor, fresh: bool, fast: bool, repeats: int) -> float:
     """Median seconds of ``lncc_loss(a, b).backward()``; ``fresh``: a new fixed tensor per call."""
     import os
@@ -443,7 +532,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small shapes, for a smoke run")
     ap.add_argument(
         "--only",
-        choices=["warps", "bspline", "tps", "fused", "lncc", "mi"],
+        choices=["warps", "bspline", "tps", "fused", "kernels", "lncc", "mi"],
         help="run one table (written to sampler-<table>.md)",
     )
     ap.add_argument("--probe", nargs=3, metavar=("KIND", "SHAPE", "NAME"), help=argparse.SUPPRESS)
@@ -456,7 +545,7 @@ def main() -> None:
     device = args.device
     card = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
     rows = []
-    shapes = [] if args.only in ("fused", "lncc", "mi") else QUICK_SHAPES if args.quick else SHAPES
+    shapes = [] if args.only in ("fused", "kernels", "lncc", "mi") else QUICK_SHAPES if args.quick else SHAPES
     if args.only == "tps":
         # The dense TPS basis (voxels x 125 floats, kept for the backward) rules out the full brain.
         shapes = [QUICK_SHAPES[2]] if args.quick else [(1, 1, 48, 56, 64), (1, 1, 80, 96, 112)]
@@ -502,7 +591,7 @@ def main() -> None:
         "| shape | warp | method | fwd ms | ratio | fwd+bwd ms | ratio | peak MiB | fwd GB/s | copy GB/s |\n"
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|\n"
     )
-    body = "" if args.only in ("fused", "lncc", "mi") else header
+    body = "" if args.only in ("fused", "kernels", "lncc", "mi") else header
     body += "".join(
         f"| {r['shape']} | {r['warp']} | {r['method']} | {r['fwd_ms']:.2f} | {r['fwd_ratio']:.2f} | "
         f"{r['fwd_bwd_ms']:.2f} | {r['fwd_bwd_ratio']:.2f} | {r['peak_mib']:.1f} | {r['fwd_gbps']:.2f} | "
@@ -511,6 +600,8 @@ def main() -> None:
     )
     if args.only in (None, "fused"):
         body += fused_similarity_table(args.repeats, args.quick, device)
+    if device == "cuda" and args.only in (None, "kernels"):
+        body += kernel_table(args.quick)
     if device == "cpu" and args.only in (None, "lncc"):
         body += lncc_table(args.repeats, args.quick)
     if device == "cpu" and args.only in (None, "mi"):
