@@ -43,7 +43,7 @@ def _fused_losses(lines: list[str], g: torch.Generator) -> int:
     for loss in ("mse", "ncc"):
         results = []
         for dev in ("cpu", "cuda"):
-            th = theta.to(dev).requires_grad_()
+            th = theta.detach().to(dev).requires_grad_()
             value = fused_affine_loss(moving.to(dev), fixed.to(dev), th, loss, "border")
             value.backward()
             results.append((value.detach().cpu(), th.grad.cpu()))

@@ -355,8 +355,10 @@ def kernel_table(quick: bool) -> str:
     that the Python work of a call (argument checks, the finiteness test of θ) does not hide what
     the GPU does; the public ``stnreg.warp`` row is the whole call. Bytes are those a kernel must
     move at least: image read once and output written (forward), image and output gradient read
-    (θ gradient), image and fixed image read (fused loss). The last rows try other block sizes and
-    warp counts of the forward kernel, to show whether the default is the card's best.
+    (θ gradient), image and fixed image read (fused loss). The last rows try other tile shapes and
+    warp counts of the forward kernel (default: ``affine_cuda.TILE_H x TILE_W``, ``NUM_WARPS``) and
+    of the fused NCC kernel alone (default: ``RED_TILE_H x RED_TILE_W``, ``Z_PER`` slices), to show
+    whether the defaults are the card's best.
     """
     import triton
     from triton.testing import do_bench
@@ -407,15 +409,26 @@ def kernel_table(quick: bool) -> str:
         row(n, "affine_grid + grid_sample", ref, nbytes + 2 * n * voxels * 3 * 4, copy_gbps)
         family = stnreg.Affine(3).cuda().with_params(theta)
         row(n, "stnreg.warp(Affine), whole call", lambda: stnreg.warp(img, family), nbytes, copy_gbps)
-        for block, warps in ((256, 4), (512, 8), (1024, 4), (1024, 8), (2048, 8)):
+        for tile_h, tile_w, warps in ((4, 64, 4), (16, 32, 4), (8, 32, 4), (8, 64, 8), (4, 128, 4), (16, 64, 8)):
 
-            def launch(block=block, warps=warps):
-                grid = (triton.cdiv(voxels, block), n)
+            def launch(tile_h=tile_h, tile_w=tile_w, warps=warps):
+                grid = (triton.cdiv(sp[1], tile_h) * triton.cdiv(sp[2], tile_w), sp[0], n)
                 affine_cuda._forward_kernel[grid](
-                    img, theta, out, 1, *sp, *sp, BORDER=False, BLOCK=block, num_warps=warps
+                    img, theta, out, 1, *sp, *sp, BORDER=False, TILE_H=tile_h, TILE_W=tile_w, num_warps=warps
                 )
 
-            row(n, f"forward, BLOCK {block}, {warps} warps", launch, nbytes, copy_gbps)
+            row(n, f"forward, tile {tile_h}x{tile_w}, {warps} warps", launch, nbytes, copy_gbps)
+        for tile_h, tile_w, z_per, warps in ((8, 64, 8, 4), (4, 64, 4, 4), (4, 64, 16, 4), (4, 32, 8, 2)):
+            grid = (triton.cdiv(sp[1], tile_h) * triton.cdiv(sp[2], tile_w), triton.cdiv(sp[0], z_per), n)
+            part = torch.zeros(n, grid[0] * grid[1], 41, device=img.device)
+
+            def loss(tile_h=tile_h, tile_w=tile_w, z_per=z_per, warps=warps, grid=grid, part=part):
+                affine_cuda._loss_kernel[grid](
+                    img, fixed, theta, part, 1, *sp, *sp, False, True, tile_h, tile_w, z_per, num_warps=warps
+                )
+
+            name = f"fused ncc kernel, tile {tile_h}x{tile_w}, {z_per} slices, {warps} warps"
+            row(n, name, loss, nbytes, copy_gbps)
 
     batch(1)
     batch(4)

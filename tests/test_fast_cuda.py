@@ -33,7 +33,7 @@ def test_kernels_in_the_triton_interpreter():
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     summary = run.stdout.strip().splitlines()[-1]
     # Every kernel test ran (only this launcher skips itself there).
-    assert re.search(r"\b10 passed, 1 skipped\b", summary), summary
+    assert re.search(r"\b12 passed, 1 skipped\b", summary), summary
 
 
 @pytest.fixture
@@ -51,19 +51,19 @@ def _reference(image, theta, out, padding):
     return F.grid_sample(image, grid, padding_mode=padding, align_corners=False)
 
 
-def _case(seed, channels=2):
+def _case(seed, channels=2, size=(10, 12, 14)):
     g = torch.Generator().manual_seed(seed)
-    image = torch.rand(2, channels, 10, 12, 14, generator=g)
+    image = torch.rand(2, channels, *size, generator=g)
     # Large enough a perturbation that part of the output samples outside the image.
     theta = torch.eye(3, 4) + 0.2 * torch.randn(2, 3, 4, generator=g)
     return g, image.to(DEVICE), theta.to(DEVICE)
 
 
 @pytest.mark.parametrize("padding", ["zeros", "border"])
-@pytest.mark.parametrize("channels", [1, 3])
-def test_triton_warp_matches_grid_sample(kernels, padding, channels):
-    g, image, theta = _case(0, channels)
-    out = (9, 11, 13)
+@pytest.mark.parametrize(("channels", "out"), [(1, (9, 11, 13)), (3, (9, 11, 13)), (1, (3, 19, 70))])
+def test_triton_warp_matches_grid_sample(kernels, padding, channels, out):
+    # (3, 19, 70) spans several tiles in y and x, with partial tiles at both far edges.
+    g, image, theta = _case(0, channels, size=(10, 12, 14) if out[2] < 64 else (4, 16, 60))
     image.requires_grad_()
     theta.requires_grad_()
     assert fast.fused_available(image, padding)

@@ -11,8 +11,9 @@ The GPU twin of :mod:`stnreg.fast.affine_cpu` for float32 volumes. For output vo
 - :func:`loss_sums` computes, in the same pass as the warp, the sums that MSE and NCC and their
   12-parameter gradients are made of, without writing the warped image.
 
-Each program handles ``BLOCK`` output voxels of one batch item and writes its partial sums to its
-own row; torch adds the rows in float64 in a fixed order. No atomics, so results are deterministic.
+Each program handles a ``TILE_H x TILE_W`` patch of one output slice of one batch item and writes
+its partial sums to its own row; torch adds the rows in float64 in a fixed order. No atomics, so
+results are deterministic.
 The image gradient (a scatter) is not here: :mod:`stnreg.fast` computes it with ``grid_sample``'s
 backward when an image needs one.
 
@@ -26,30 +27,53 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-BLOCK = 512
+# Each program covers a TILE_H x TILE_W patch of output slices of one batch item, so that a voxel's
+# (x, y, z) come from the program ids and two aranges: no integer division per voxel, and the
+# position θ [u; 1] is one multiply-add per voxel on top of a per-row term. Measured on an H200
+# (benchmarks/sampler.py --only kernels), the per-voxel index arithmetic of a flat 1D block was what
+# bounded the kernel, not memory. The forward kernel takes one slice per program; the kernels that
+# reduce (θ gradient, fused loss) walk Z_PER slices, keeping per-voxel sums in registers, so that
+# the costly cross-thread reductions happen once per Z_PER slices.
+TILE_H = 8
+TILE_W = 64
+NUM_WARPS = 4
+_TILES = {"TILE_H": TILE_H, "TILE_W": TILE_W, "num_warps": NUM_WARPS}
+RED_TILE_H = 4
+RED_TILE_W = 64
+Z_PER = 8
+_RED_TILES = {"TILE_H": RED_TILE_H, "TILE_W": RED_TILE_W, "Z_PER": Z_PER, "num_warps": NUM_WARPS}
 # Σ v, Σ v², Σ v f, Σ f, Σ f² and 12 moments per weight (v - f for MSE; f, v, 1 for NCC).
 _STATS = 5
 _MOMENTS = 12
 
 
 @triton.jit
-def _position(theta_ptr, od, oh, ow, d, h, w, BORDER: tl.constexpr, BLOCK: tl.constexpr):
-    """This program's batch item ``b`` and output voxels ``offs`` (``mask``: inside the output), their
-    pixel positions under θ, ``(ux, uy, uz)``, and the positions' clip derivatives."""
-    b = tl.program_id(1)
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < od * oh * ow
-    x = offs % ow
-    t = offs // ow
-    y = t % oh
-    z = t // oh
+def _tile(oh, ow, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
+    """This program's output columns ``x`` ``(1, TILE_W)`` and rows ``y`` ``(TILE_H, 1)``, and their
+    normalized lattice coordinates ``ux``, ``uy`` (``align_corners=False``)."""
+    tiles_w = tl.cdiv(ow, TILE_W)
+    tile = tl.program_id(0)
+    x = (tile % tiles_w) * TILE_W + tl.arange(0, TILE_W)[None, :]
+    y = (tile // tiles_w) * TILE_H + tl.arange(0, TILE_H)[:, None]
     ux = (2.0 * x.to(tl.float32) + 1.0) / ow - 1.0
     uy = (2.0 * y.to(tl.float32) + 1.0) / oh - 1.0
+    return x, y, ux, uy
+
+
+@triton.jit
+def _position(theta_ptr, b, x, y, ux, uy, z, od, oh, ow, d, h, w, BORDER: tl.constexpr):
+    """For the tile's voxels in output slice ``z`` of item ``b``: flat offsets ``offs`` in the item's
+    output plane (``mask``: inside the output), pixel positions under θ ``(ix, iy, iz)``, the slice's
+    normalized coordinate ``uz``, and the positions' clip derivatives."""
+    # Past the last slice (the reducing kernels' last group) no row is inside: oh rows become 0.
+    mask = (x < ow) & (y < oh * (z < od).to(tl.int32))
+    offs = (z * oh + y) * ow + x
     uz = (2.0 * z.to(tl.float32) + 1.0) / od - 1.0
     th = theta_ptr + b * 12
-    gx = tl.load(th + 0) * ux + tl.load(th + 1) * uy + tl.load(th + 2) * uz + tl.load(th + 3)
-    gy = tl.load(th + 4) * ux + tl.load(th + 5) * uy + tl.load(th + 6) * uz + tl.load(th + 7)
-    gz = tl.load(th + 8) * ux + tl.load(th + 9) * uy + tl.load(th + 10) * uz + tl.load(th + 11)
+    # Per row (y) and slice (z) once; per voxel only the x term.
+    gx = tl.load(th + 0) * ux + (tl.load(th + 1) * uy + (tl.load(th + 2) * uz + tl.load(th + 3)))
+    gy = tl.load(th + 4) * ux + (tl.load(th + 5) * uy + (tl.load(th + 6) * uz + tl.load(th + 7)))
+    gz = tl.load(th + 8) * ux + (tl.load(th + 9) * uy + (tl.load(th + 10) * uz + tl.load(th + 11)))
     ix = ((gx + 1.0) * w - 1.0) * 0.5
     iy = ((gy + 1.0) * h - 1.0) * 0.5
     iz = ((gz + 1.0) * d - 1.0) * 0.5
@@ -64,7 +88,13 @@ def _position(theta_ptr, od, oh, ow, d, h, w, BORDER: tl.constexpr, BLOCK: tl.co
         ix = tl.minimum(tl.maximum(ix, 0.0), w - 1.0)
         iy = tl.minimum(tl.maximum(iy, 0.0), h - 1.0)
         iz = tl.minimum(tl.maximum(iz, 0.0), d - 1.0)
-    return b, offs, mask, ix, iy, iz, ux, uy, uz, cx, cy, cz
+    return offs, mask, ix, iy, iz, uz, cx, cy, cz
+
+
+@triton.jit
+def _total(x):
+    """Sum of a ``(TILE_H, TILE_W)`` block."""
+    return tl.sum(tl.sum(x, axis=1), axis=0)
 
 
 @triton.jit
@@ -117,8 +147,26 @@ def _trilinear(base, ix, iy, iz, d, h, w, mask):
 
 
 @triton.jit
-def _forward_kernel(img_ptr, theta_ptr, out_ptr, n_c, d, h, w, od, oh, ow, BORDER: tl.constexpr, BLOCK: tl.constexpr):
-    b, offs, mask, ix, iy, iz, _, _, _, _, _, _ = _position(theta_ptr, od, oh, ow, d, h, w, BORDER, BLOCK)
+def _forward_kernel(
+    img_ptr,
+    theta_ptr,
+    out_ptr,
+    n_c,
+    d,
+    h,
+    w,
+    od,
+    oh,
+    ow,
+    BORDER: tl.constexpr,
+    TILE_H: tl.constexpr,
+    TILE_W: tl.constexpr,
+):
+    b = tl.program_id(2)
+    x, y, ux, uy = _tile(oh, ow, TILE_H, TILE_W)
+    offs, mask, ix, iy, iz, _, _, _, _ = _position(
+        theta_ptr, b, x, y, ux, uy, tl.program_id(1), od, oh, ow, d, h, w, BORDER
+    )
     n_out = od * oh * ow
     for c in range(n_c):
         plane = (b * n_c + c).to(tl.int64)
@@ -127,40 +175,81 @@ def _forward_kernel(img_ptr, theta_ptr, out_ptr, n_c, d, h, w, od, oh, ow, BORDE
 
 
 @triton.jit
-def _store_moments(ptr, wx, wy, wz, ux, uy, uz):
-    """``Σ wₖ [ux, uy, uz, 1]`` for the three rows ``k`` of θ, into 12 consecutive floats."""
-    tl.store(ptr + 0, tl.sum(wx * ux))
-    tl.store(ptr + 1, tl.sum(wx * uy))
-    tl.store(ptr + 2, tl.sum(wx * uz))
-    tl.store(ptr + 3, tl.sum(wx))
-    tl.store(ptr + 4, tl.sum(wy * ux))
-    tl.store(ptr + 5, tl.sum(wy * uy))
-    tl.store(ptr + 6, tl.sum(wy * uz))
-    tl.store(ptr + 7, tl.sum(wy))
-    tl.store(ptr + 8, tl.sum(wz * ux))
-    tl.store(ptr + 9, tl.sum(wz * uy))
-    tl.store(ptr + 10, tl.sum(wz * uz))
-    tl.store(ptr + 11, tl.sum(wz))
+def _program_row(b):
+    """This program's row in a ``(N, programs per item, ...)`` partial-sum buffer."""
+    per_item = tl.num_programs(0) * tl.num_programs(1)
+    return (b * per_item + tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)).to(tl.int64)
+
+
+@triton.jit
+def _store_moments(ptr, wx, wy, wz, wxz, wyz, wzz, ux, uy):
+    """``Σ wₖ [ux, uy, uz, 1]`` for the three rows ``k`` of θ, into 12 consecutive floats, from the
+    per-voxel sums over slices ``wₖ = Σ_z w`` and ``wₖz = Σ_z w uz`` (``ux``, ``uy`` do not vary with z)."""
+    tl.store(ptr + 0, _total(wx * ux))
+    tl.store(ptr + 1, _total(wx * uy))
+    tl.store(ptr + 2, _total(wxz))
+    tl.store(ptr + 3, _total(wx))
+    tl.store(ptr + 4, _total(wy * ux))
+    tl.store(ptr + 5, _total(wy * uy))
+    tl.store(ptr + 6, _total(wyz))
+    tl.store(ptr + 7, _total(wy))
+    tl.store(ptr + 8, _total(wz * ux))
+    tl.store(ptr + 9, _total(wz * uy))
+    tl.store(ptr + 10, _total(wzz))
+    tl.store(ptr + 11, _total(wz))
 
 
 @triton.jit
 def _grad_theta_kernel(
-    img_ptr, theta_ptr, go_ptr, part_ptr, n_c, d, h, w, od, oh, ow, BORDER: tl.constexpr, BLOCK: tl.constexpr
+    img_ptr,
+    theta_ptr,
+    go_ptr,
+    part_ptr,
+    n_c,
+    d,
+    h,
+    w,
+    od,
+    oh,
+    ow,
+    BORDER: tl.constexpr,
+    TILE_H: tl.constexpr,
+    TILE_W: tl.constexpr,
+    Z_PER: tl.constexpr,
 ):
-    b, offs, mask, ix, iy, iz, ux, uy, uz, cx, cy, cz = _position(theta_ptr, od, oh, ow, d, h, w, BORDER, BLOCK)
+    b = tl.program_id(2)
+    x, y, ux, uy = _tile(oh, ow, TILE_H, TILE_W)
     n_out = od * oh * ow
-    wx = tl.zeros((BLOCK,), tl.float32)
-    wy = tl.zeros((BLOCK,), tl.float32)
-    wz = tl.zeros((BLOCK,), tl.float32)
-    for c in range(n_c):
-        plane = (b * n_c + c).to(tl.int64)
-        _, dx, dy, dz = _trilinear(img_ptr + plane * (d * h * w), ix, iy, iz, d, h, w, mask)
-        go = tl.load(go_ptr + plane * n_out + offs, mask=mask, other=0.0)
-        wx += go * dx
-        wy += go * dy
-        wz += go * dz
-    row = part_ptr + (b * tl.num_programs(0) + tl.program_id(0)).to(tl.int64) * 12
-    _store_moments(row, wx * cx, wy * cy, wz * cz, ux, uy, uz)
+    wx = tl.zeros((TILE_H, TILE_W), tl.float32)
+    wy = tl.zeros((TILE_H, TILE_W), tl.float32)
+    wz = tl.zeros((TILE_H, TILE_W), tl.float32)
+    wxz = tl.zeros((TILE_H, TILE_W), tl.float32)
+    wyz = tl.zeros((TILE_H, TILE_W), tl.float32)
+    wzz = tl.zeros((TILE_H, TILE_W), tl.float32)
+    for zi in range(Z_PER):
+        z = tl.program_id(1) * Z_PER + zi
+        offs, mask, ix, iy, iz, uz, cx, cy, cz = _position(theta_ptr, b, x, y, ux, uy, z, od, oh, ow, d, h, w, BORDER)
+        gx = tl.zeros((TILE_H, TILE_W), tl.float32)
+        gy = tl.zeros((TILE_H, TILE_W), tl.float32)
+        gz = tl.zeros((TILE_H, TILE_W), tl.float32)
+        for c in range(n_c):
+            plane = (b * n_c + c).to(tl.int64)
+            _, dx, dy, dz = _trilinear(img_ptr + plane * (d * h * w), ix, iy, iz, d, h, w, mask)
+            go = tl.load(go_ptr + plane * n_out + offs, mask=mask, other=0.0)
+            gx += go * dx
+            gy += go * dy
+            gz += go * dz
+        gx *= cx
+        gy *= cy
+        gz *= cz
+        wx += gx
+        wy += gy
+        wz += gz
+        wxz += gx * uz
+        wyz += gy * uz
+        wzz += gz * uz
+    row = part_ptr + _program_row(b) * 12
+    _store_moments(row, wx, wy, wz, wxz, wyz, wzz, ux, uy)
 
 
 @triton.jit
@@ -178,56 +267,85 @@ def _loss_kernel(
     ow,
     BORDER: tl.constexpr,
     NCC: tl.constexpr,
-    BLOCK: tl.constexpr,
+    TILE_H: tl.constexpr,
+    TILE_W: tl.constexpr,
+    Z_PER: tl.constexpr,
 ):
-    b, offs, mask, ix, iy, iz, ux, uy, uz, cx, cy, cz = _position(theta_ptr, od, oh, ow, d, h, w, BORDER, BLOCK)
+    b = tl.program_id(2)
+    x, y, ux, uy = _tile(oh, ow, TILE_H, TILE_W)
     n_out = od * oh * ow
-    one = tl.where(mask, 1.0, 0.0)
-    s_v = tl.zeros((BLOCK,), tl.float32)
-    s_vv = tl.zeros((BLOCK,), tl.float32)
-    s_vf = tl.zeros((BLOCK,), tl.float32)
-    s_f = tl.zeros((BLOCK,), tl.float32)
-    s_ff = tl.zeros((BLOCK,), tl.float32)
-    # Per-voxel sums over channels of w ∂v/∂(ix, iy, iz) for the weights w_0 (v - f or f), w_1 = v, w_2 = 1.
-    ax = tl.zeros((BLOCK,), tl.float32)
-    ay = tl.zeros((BLOCK,), tl.float32)
-    az = tl.zeros((BLOCK,), tl.float32)
-    bx = tl.zeros((BLOCK,), tl.float32)
-    by = tl.zeros((BLOCK,), tl.float32)
-    bz = tl.zeros((BLOCK,), tl.float32)
-    ex = tl.zeros((BLOCK,), tl.float32)
-    ey = tl.zeros((BLOCK,), tl.float32)
-    ez = tl.zeros((BLOCK,), tl.float32)
-    for c in range(n_c):
-        plane = (b * n_c + c).to(tl.int64)
-        v, dx, dy, dz = _trilinear(img_ptr + plane * (d * h * w), ix, iy, iz, d, h, w, mask)
-        f = tl.load(fix_ptr + plane * n_out + offs, mask=mask, other=0.0)
-        s_v += v
-        s_vv += v * v
-        s_vf += v * f
-        s_f += f
-        s_ff += f * f
-        w0 = f if NCC else v - f
-        ax += w0 * dx
-        ay += w0 * dy
-        az += w0 * dz
-        if NCC:
-            bx += v * dx
-            by += v * dy
-            bz += v * dz
-            ex += one * dx
-            ey += one * dy
-            ez += one * dz
-    row = part_ptr + (b * tl.num_programs(0) + tl.program_id(0)).to(tl.int64) * (5 + 36)
-    tl.store(row + 0, tl.sum(s_v))
-    tl.store(row + 1, tl.sum(s_vv))
-    tl.store(row + 2, tl.sum(s_vf))
-    tl.store(row + 3, tl.sum(s_f))
-    tl.store(row + 4, tl.sum(s_ff))
-    _store_moments(row + 5, ax * cx, ay * cy, az * cz, ux, uy, uz)
+    s_v = tl.zeros((TILE_H, TILE_W), tl.float32)
+    s_vv = tl.zeros((TILE_H, TILE_W), tl.float32)
+    s_vf = tl.zeros((TILE_H, TILE_W), tl.float32)
+    s_f = tl.zeros((TILE_H, TILE_W), tl.float32)
+    s_ff = tl.zeros((TILE_H, TILE_W), tl.float32)
+    # Per-voxel sums over slices (and, with uz, their z moments) of w ∂v/∂(ix, iy, iz) times the
+    # clip factors, for the weights w_0 (v - f or f), w_1 = v (NCC), w_2 = 1 (NCC).
+    ax = tl.zeros((TILE_H, TILE_W), tl.float32)
+    ay = tl.zeros((TILE_H, TILE_W), tl.float32)
+    az = tl.zeros((TILE_H, TILE_W), tl.float32)
+    axz = tl.zeros((TILE_H, TILE_W), tl.float32)
+    ayz = tl.zeros((TILE_H, TILE_W), tl.float32)
+    azz = tl.zeros((TILE_H, TILE_W), tl.float32)
+    bx = tl.zeros((TILE_H, TILE_W), tl.float32)
+    by = tl.zeros((TILE_H, TILE_W), tl.float32)
+    bz = tl.zeros((TILE_H, TILE_W), tl.float32)
+    bxz = tl.zeros((TILE_H, TILE_W), tl.float32)
+    byz = tl.zeros((TILE_H, TILE_W), tl.float32)
+    bzz = tl.zeros((TILE_H, TILE_W), tl.float32)
+    ex = tl.zeros((TILE_H, TILE_W), tl.float32)
+    ey = tl.zeros((TILE_H, TILE_W), tl.float32)
+    ez = tl.zeros((TILE_H, TILE_W), tl.float32)
+    exz = tl.zeros((TILE_H, TILE_W), tl.float32)
+    eyz = tl.zeros((TILE_H, TILE_W), tl.float32)
+    ezz = tl.zeros((TILE_H, TILE_W), tl.float32)
+    for zi in range(Z_PER):
+        z = tl.program_id(1) * Z_PER + zi
+        offs, mask, ix, iy, iz, uz, cx, cy, cz = _position(theta_ptr, b, x, y, ux, uy, z, od, oh, ow, d, h, w, BORDER)
+        one = tl.where(mask, 1.0, 0.0)
+        for c in range(n_c):
+            plane = (b * n_c + c).to(tl.int64)
+            v, dx, dy, dz = _trilinear(img_ptr + plane * (d * h * w), ix, iy, iz, d, h, w, mask)
+            f = tl.load(fix_ptr + plane * n_out + offs, mask=mask, other=0.0)
+            s_v += v
+            s_vv += v * v
+            s_vf += v * f
+            s_f += f
+            s_ff += f * f
+            # The clipped derivatives, each voxel's share of every moment.
+            dx *= cx
+            dy *= cy
+            dz *= cz
+            w0 = f if NCC else v - f
+            ax += w0 * dx
+            ay += w0 * dy
+            az += w0 * dz
+            axz += w0 * dx * uz
+            ayz += w0 * dy * uz
+            azz += w0 * dz * uz
+            if NCC:
+                bx += v * dx
+                by += v * dy
+                bz += v * dz
+                bxz += v * dx * uz
+                byz += v * dy * uz
+                bzz += v * dz * uz
+                ex += one * dx
+                ey += one * dy
+                ez += one * dz
+                exz += one * dx * uz
+                eyz += one * dy * uz
+                ezz += one * dz * uz
+    row = part_ptr + _program_row(b) * (5 + 36)
+    tl.store(row + 0, _total(s_v))
+    tl.store(row + 1, _total(s_vv))
+    tl.store(row + 2, _total(s_vf))
+    tl.store(row + 3, _total(s_f))
+    tl.store(row + 4, _total(s_ff))
+    _store_moments(row + 5, ax, ay, az, axz, ayz, azz, ux, uy)
     if NCC:
-        _store_moments(row + 17, bx * cx, by * cy, bz * cz, ux, uy, uz)
-        _store_moments(row + 29, ex * cx, ey * cy, ez * cz, ux, uy, uz)
+        _store_moments(row + 17, bx, by, bz, bxz, byz, bzz, ux, uy)
+        _store_moments(row + 29, ex, ey, ez, exz, eyz, ezz, ux, uy)
 
 
 def _check(img: Tensor, theta: Tensor) -> None:
@@ -243,13 +361,20 @@ def _row_scale(img: Tensor) -> Tensor:
     return torch.tensor([w, h, d], dtype=torch.float64, device=img.device)[:, None] * 0.5
 
 
+def _launch(out_shape: tuple[int, ...], n: int, tile_h: int, tile_w: int, z_per: int) -> tuple[int, int, int]:
+    """The launch grid: (tiles per slice, groups of ``z_per`` slices, batch items)."""
+    od, oh, ow = out_shape
+    return triton.cdiv(oh, tile_h) * triton.cdiv(ow, tile_w), triton.cdiv(od, z_per), n
+
+
 def forward(img: Tensor, theta: Tensor, out_shape: tuple[int, int, int], border: bool) -> Tensor:
     """``grid_sample(img, affine_grid(theta, out_shape))``: ``(N, C, D, H, W)`` -> ``(N, C, *out_shape)``."""
     _check(img, theta)
     n, c = img.shape[:2]
     out = torch.empty((n, c, *out_shape), dtype=img.dtype, device=img.device)
-    grid = (triton.cdiv(out[0, 0].numel(), BLOCK), n)
-    _forward_kernel[grid](img, theta, out, c, *img.shape[2:], *out_shape, BORDER=border, BLOCK=BLOCK)
+    _forward_kernel[_launch(out_shape, n, TILE_H, TILE_W, 1)](
+        img, theta, out, c, *img.shape[2:], *out_shape, BORDER=border, **_TILES
+    )
     return out
 
 
@@ -257,10 +382,10 @@ def grad_theta(img: Tensor, theta: Tensor, grad_out: Tensor, border: bool) -> Te
     """``∂L/∂θ`` ``(N, 3, 4)`` float64 from ``∂L/∂out`` ``(N, C, D', H', W')`` (contiguous float32)."""
     _check(img, theta)
     n = img.shape[0]
-    blocks = triton.cdiv(grad_out[0, 0].numel(), BLOCK)
-    part = torch.empty((n, blocks, _MOMENTS), dtype=torch.float32, device=img.device)
+    grid = _launch(grad_out.shape[2:], n, RED_TILE_H, RED_TILE_W, Z_PER)
+    part = torch.empty((n, grid[0] * grid[1], _MOMENTS), dtype=torch.float32, device=img.device)
     args = (img, theta, grad_out, part, img.shape[1], *img.shape[2:], *grad_out.shape[2:])
-    _grad_theta_kernel[(blocks, n)](*args, BORDER=border, BLOCK=BLOCK)
+    _grad_theta_kernel[grid](*args, BORDER=border, **_RED_TILES)
     return part.double().sum(1).reshape(n, 3, 4) * _row_scale(img)
 
 
@@ -272,10 +397,10 @@ def loss_sums(img: Tensor, fixed: Tensor, theta: Tensor, border: bool, ncc: bool
     """
     _check(img, theta)
     n = img.shape[0]
-    blocks = triton.cdiv(fixed[0, 0].numel(), BLOCK)
-    part = torch.zeros((n, blocks, _STATS + 3 * _MOMENTS), dtype=torch.float32, device=img.device)
+    grid = _launch(fixed.shape[2:], n, RED_TILE_H, RED_TILE_W, Z_PER)
+    part = torch.zeros((n, grid[0] * grid[1], _STATS + 3 * _MOMENTS), dtype=torch.float32, device=img.device)
     args = (img, fixed, theta, part, img.shape[1], *img.shape[2:], *fixed.shape[2:])
-    _loss_kernel[(blocks, n)](*args, BORDER=border, NCC=ncc, BLOCK=BLOCK)
+    _loss_kernel[grid](*args, BORDER=border, NCC=ncc, **_RED_TILES)
     sums = part.double().sum(1)
     moments = sums[:, _STATS:].reshape(n, 3, 3, 4) * _row_scale(img)
     return sums[:, :_STATS], moments
