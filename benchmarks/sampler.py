@@ -409,7 +409,7 @@ def kernel_table(quick: bool) -> str:
         row(n, "affine_grid + grid_sample", ref, nbytes + 2 * n * voxels * 3 * 4, copy_gbps)
         family = stnreg.Affine(3).cuda().with_params(theta)
         row(n, "stnreg.warp(Affine), whole call", lambda: stnreg.warp(img, family), nbytes, copy_gbps)
-        for tile_h, tile_w, warps in ((4, 64, 4), (16, 32, 4), (8, 32, 4), (8, 64, 8), (4, 128, 4), (16, 64, 8)):
+        for tile_h, tile_w, warps in ((8, 64, 4), (2, 128, 2), (2, 256, 4), (8, 128, 8), (4, 256, 8), (1, 256, 2)):
 
             def launch(tile_h=tile_h, tile_w=tile_w, warps=warps):
                 grid = (triton.cdiv(sp[1], tile_h) * triton.cdiv(sp[2], tile_w), sp[0], n)
@@ -418,7 +418,7 @@ def kernel_table(quick: bool) -> str:
                 )
 
             row(n, f"forward, tile {tile_h}x{tile_w}, {warps} warps", launch, nbytes, copy_gbps)
-        for tile_h, tile_w, z_per, warps in ((8, 64, 8, 4), (4, 64, 4, 4), (4, 64, 16, 4), (4, 32, 8, 2)):
+        for tile_h, tile_w, z_per, warps in ((4, 64, 8, 4), (4, 128, 16, 4), (2, 128, 16, 2), (4, 64, 32, 4)):
             grid = (triton.cdiv(sp[1], tile_h) * triton.cdiv(sp[2], tile_w), triton.cdiv(sp[0], z_per), n)
             part = torch.zeros(n, grid[0] * grid[1], 41, device=img.device)
 

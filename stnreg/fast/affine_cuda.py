@@ -34,13 +34,13 @@ from torch import Tensor
 # bounded the kernel, not memory. The forward kernel takes one slice per program; the kernels that
 # reduce (θ gradient, fused loss) walk Z_PER slices, keeping per-voxel sums in registers, so that
 # the costly cross-thread reductions happen once per Z_PER slices.
-TILE_H = 8
-TILE_W = 64
+TILE_H = 4
+TILE_W = 128
 NUM_WARPS = 4
 _TILES = {"TILE_H": TILE_H, "TILE_W": TILE_W, "num_warps": NUM_WARPS}
 RED_TILE_H = 4
 RED_TILE_W = 64
-Z_PER = 8
+Z_PER = 16
 _RED_TILES = {"TILE_H": RED_TILE_H, "TILE_W": RED_TILE_W, "Z_PER": Z_PER, "num_warps": NUM_WARPS}
 # Σ v, Σ v², Σ v f, Σ f, Σ f² and 12 moments per weight (v - f for MSE; f, v, 1 for NCC).
 _STATS = 5
@@ -182,21 +182,26 @@ def _program_row(b):
 
 
 @triton.jit
-def _store_moments(ptr, wx, wy, wz, wxz, wyz, wzz, ux, uy):
+def _store_moments(ptr, wx, wy, wz, wxz, wyz, wzz, ux, uy, d, h, w):
     """``Σ wₖ [ux, uy, uz, 1]`` for the three rows ``k`` of θ, into 12 consecutive floats, from the
-    per-voxel sums over slices ``wₖ = Σ_z w`` and ``wₖz = Σ_z w uz`` (``ux``, ``uy`` do not vary with z)."""
-    tl.store(ptr + 0, _total(wx * ux))
-    tl.store(ptr + 1, _total(wx * uy))
-    tl.store(ptr + 2, _total(wxz))
-    tl.store(ptr + 3, _total(wx))
-    tl.store(ptr + 4, _total(wy * ux))
-    tl.store(ptr + 5, _total(wy * uy))
-    tl.store(ptr + 6, _total(wyz))
-    tl.store(ptr + 7, _total(wy))
-    tl.store(ptr + 8, _total(wz * ux))
-    tl.store(ptr + 9, _total(wz * uy))
-    tl.store(ptr + 10, _total(wzz))
-    tl.store(ptr + 11, _total(wz))
+    per-voxel sums over slices ``wₖ = Σ_z w`` and ``wₖz = Σ_z w uz`` (``ux``, ``uy`` do not vary with z).
+    Row ``k`` is scaled by ``n_k / 2`` (pixel to normalized units, ``n = (w, h, d)``) here, so that
+    the host needs no device copy of the scales."""
+    sx = 0.5 * w
+    sy = 0.5 * h
+    sz = 0.5 * d
+    tl.store(ptr + 0, _total(wx * ux) * sx)
+    tl.store(ptr + 1, _total(wx * uy) * sx)
+    tl.store(ptr + 2, _total(wxz) * sx)
+    tl.store(ptr + 3, _total(wx) * sx)
+    tl.store(ptr + 4, _total(wy * ux) * sy)
+    tl.store(ptr + 5, _total(wy * uy) * sy)
+    tl.store(ptr + 6, _total(wyz) * sy)
+    tl.store(ptr + 7, _total(wy) * sy)
+    tl.store(ptr + 8, _total(wz * ux) * sz)
+    tl.store(ptr + 9, _total(wz * uy) * sz)
+    tl.store(ptr + 10, _total(wzz) * sz)
+    tl.store(ptr + 11, _total(wz) * sz)
 
 
 @triton.jit
@@ -249,7 +254,7 @@ def _grad_theta_kernel(
         wyz += gy * uz
         wzz += gz * uz
     row = part_ptr + _program_row(b) * 12
-    _store_moments(row, wx, wy, wz, wxz, wyz, wzz, ux, uy)
+    _store_moments(row, wx, wy, wz, wxz, wyz, wzz, ux, uy, d, h, w)
 
 
 @triton.jit
@@ -342,10 +347,10 @@ def _loss_kernel(
     tl.store(row + 2, _total(s_vf))
     tl.store(row + 3, _total(s_f))
     tl.store(row + 4, _total(s_ff))
-    _store_moments(row + 5, ax, ay, az, axz, ayz, azz, ux, uy)
+    _store_moments(row + 5, ax, ay, az, axz, ayz, azz, ux, uy, d, h, w)
     if NCC:
-        _store_moments(row + 17, bx, by, bz, bxz, byz, bzz, ux, uy)
-        _store_moments(row + 29, ex, ey, ez, exz, eyz, ezz, ux, uy)
+        _store_moments(row + 17, bx, by, bz, bxz, byz, bzz, ux, uy, d, h, w)
+        _store_moments(row + 29, ex, ey, ez, exz, eyz, ezz, ux, uy, d, h, w)
 
 
 def _check(img: Tensor, theta: Tensor) -> None:
@@ -353,12 +358,6 @@ def _check(img: Tensor, theta: Tensor) -> None:
         raise ValueError(f"need a contiguous float32 (N, C, D, H, W) image, got {img.dtype} {tuple(img.shape)}")
     if theta.shape != (img.shape[0], 3, 4) or theta.dtype != torch.float32 or not theta.is_contiguous():
         raise ValueError(f"need a contiguous float32 θ of shape ({img.shape[0]}, 3, 4), got {tuple(theta.shape)}")
-
-
-def _row_scale(img: Tensor) -> Tensor:
-    """``n / 2`` per row of θ ``(x, y, z)``: pixel to normalized units."""
-    d, h, w = img.shape[2:]
-    return torch.tensor([w, h, d], dtype=torch.float64, device=img.device)[:, None] * 0.5
 
 
 def _launch(out_shape: tuple[int, ...], n: int, tile_h: int, tile_w: int, z_per: int) -> tuple[int, int, int]:
@@ -386,7 +385,7 @@ def grad_theta(img: Tensor, theta: Tensor, grad_out: Tensor, border: bool) -> Te
     part = torch.empty((n, grid[0] * grid[1], _MOMENTS), dtype=torch.float32, device=img.device)
     args = (img, theta, grad_out, part, img.shape[1], *img.shape[2:], *grad_out.shape[2:])
     _grad_theta_kernel[grid](*args, BORDER=border, **_RED_TILES)
-    return part.double().sum(1).reshape(n, 3, 4) * _row_scale(img)
+    return part.double().sum(1).reshape(n, 3, 4)
 
 
 def loss_sums(img: Tensor, fixed: Tensor, theta: Tensor, border: bool, ncc: bool) -> tuple[Tensor, Tensor]:
@@ -402,5 +401,5 @@ def loss_sums(img: Tensor, fixed: Tensor, theta: Tensor, border: bool, ncc: bool
     args = (img, fixed, theta, part, img.shape[1], *img.shape[2:], *fixed.shape[2:])
     _loss_kernel[grid](*args, BORDER=border, NCC=ncc, **_RED_TILES)
     sums = part.double().sum(1)
-    moments = sums[:, _STATS:].reshape(n, 3, 3, 4) * _row_scale(img)
+    moments = sums[:, _STATS:].reshape(n, 3, 3, 4)
     return sums[:, :_STATS], moments
