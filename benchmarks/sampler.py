@@ -39,6 +39,8 @@ import torch.nn.functional as F
 import stnreg
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# Tables that take no part of the warp table (--only): their shapes are their own.
+STANDALONE = ("fused", "kernels", "lncc", "mi")
 SHAPES = [(128, 1, 60, 60), (1, 1, 256, 256), (1, 1, 160, 192, 224)]
 QUICK_SHAPES = [(32, 1, 60, 60), (1, 1, 128, 128), (1, 1, 48, 56, 64)]
 
@@ -360,7 +362,6 @@ def kernel_table(quick: bool) -> str:
     of the fused NCC kernel alone (default: ``RED_TILE_H x RED_TILE_W``, ``Z_PER`` slices), to show
     whether the defaults are the card's best.
     """
-    import triton
     from triton.testing import do_bench
 
     from stnreg.fast import affine_cuda
@@ -412,15 +413,16 @@ def kernel_table(quick: bool) -> str:
         for tile_h, tile_w, warps in ((8, 64, 4), (2, 128, 2), (2, 256, 4), (8, 128, 8), (4, 256, 8), (1, 256, 2)):
 
             def launch(tile_h=tile_h, tile_w=tile_w, warps=warps):
-                grid = (triton.cdiv(sp[1], tile_h) * triton.cdiv(sp[2], tile_w), sp[0], n)
+                grid = affine_cuda._launch(sp, n, tile_h, tile_w, 1)
                 affine_cuda._forward_kernel[grid](
                     img, theta, out, 1, *sp, *sp, BORDER=False, TILE_H=tile_h, TILE_W=tile_w, num_warps=warps
                 )
 
             row(n, f"forward, tile {tile_h}x{tile_w}, {warps} warps", launch, nbytes, copy_gbps)
         for tile_h, tile_w, z_per, warps in ((4, 64, 8, 4), (4, 128, 16, 4), (2, 128, 16, 2), (4, 64, 32, 4)):
-            grid = (triton.cdiv(sp[1], tile_h) * triton.cdiv(sp[2], tile_w), triton.cdiv(sp[0], z_per), n)
-            part = torch.zeros(n, grid[0] * grid[1], 41, device=img.device)
+            grid = affine_cuda._launch(sp, n, tile_h, tile_w, z_per)
+            width = affine_cuda._STATS + 3 * affine_cuda._MOMENTS
+            part = torch.zeros(n, grid[0] * grid[1], width, device=img.device)
 
             def loss(tile_h=tile_h, tile_w=tile_w, z_per=z_per, warps=warps, grid=grid, part=part):
                 affine_cuda._loss_kernel[grid](
@@ -558,7 +560,7 @@ def main() -> None:
     device = args.device
     card = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
     rows = []
-    shapes = [] if args.only in ("fused", "kernels", "lncc", "mi") else QUICK_SHAPES if args.quick else SHAPES
+    shapes = [] if args.only in STANDALONE else QUICK_SHAPES if args.quick else SHAPES
     if args.only == "tps":
         # The dense TPS basis (voxels x 125 floats, kept for the backward) rules out the full brain.
         shapes = [QUICK_SHAPES[2]] if args.quick else [(1, 1, 48, 56, 64), (1, 1, 80, 96, 112)]
@@ -604,7 +606,7 @@ def main() -> None:
         "| shape | warp | method | fwd ms | ratio | fwd+bwd ms | ratio | peak MiB | fwd GB/s | copy GB/s |\n"
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|\n"
     )
-    body = "" if args.only in ("fused", "kernels", "lncc", "mi") else header
+    body = "" if args.only in STANDALONE else header
     body += "".join(
         f"| {r['shape']} | {r['warp']} | {r['method']} | {r['fwd_ms']:.2f} | {r['fwd_ratio']:.2f} | "
         f"{r['fwd_bwd_ms']:.2f} | {r['fwd_bwd_ratio']:.2f} | {r['peak_mib']:.1f} | {r['fwd_gbps']:.2f} | "
