@@ -6,15 +6,24 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import check_image
 from .coords import Grid
-from .fast import fast_available, fused_affine_warp, fused_available, fused_bspline_warp, fused_tps_warp
+from .fast import (
+    fast_available,
+    fused_affine_warp,
+    fused_available,
+    fused_bspline_warp,
+    fused_field_warp,
+    fused_tps_warp,
+)
 from .image import Image
 from .sampler import sample
 from .transforms.base import Composite, Transform, index_to_domain
 from .transforms.bspline import BSpline
+from .transforms.dense import Displacement
 from .transforms.matrix import MatrixTransform
 from .transforms.tps import ThinPlateSpline
 
@@ -69,6 +78,12 @@ def warp(
         # grid_sample's vectorized bilinear kernel measured faster (benchmarks/results/sampler.md).
         theta = transform.affine_theta(out, source).to(image.dtype)
         return fused_affine_warp(image, theta, tuple(out.shape if isinstance(out, Grid) else out), padding)
+    if image.dim() == 5 and mode == "linear" and not antialias and fast_available(image, padding):
+        args = _fused_field_args(image, transform, out, source)
+        if args is not None:
+            # The displacement read in place and the lattice made on the fly (stnreg.fast): no
+            # channels-last copy of the field and no grid; gradients to the field and the image.
+            return fused_field_warp(image, *args, padding)
     if image.dim() == 5 and mode == "linear" and not antialias and not image.requires_grad:
         fast = fast_available(image, padding)
         out_shape = tuple(out.shape if isinstance(out, Grid) else out)
@@ -84,13 +99,16 @@ def warp(
     return sample(image, coords, mode=mode, padding=padding, antialias=antialias)
 
 
-def _spline_and_pixel_map(image: Tensor, transform: Transform, source: Grid | None) -> tuple[Transform, Tensor] | None:
-    """The innermost transform of a chain and ``(N or 1, 4, 4)`` float64 from its output point to
-    the input pixel (constant matrices applied after it, the source's world-to-normalized map and
-    normalized-to-pixel); ``None`` when a matrix of the chain needs a gradient or is no affine."""
-    spline, head = transform, None
+def _innermost_and_pixel_map(
+    image: Tensor, transform: Transform, source: Grid | None
+) -> tuple[Transform, Tensor] | None:
+    """The innermost transform of a chain (a spline or a field) and ``(N or 1, 4, 4)`` float64 from
+    its output point to the input pixel (constant matrices applied after it, the source's
+    world-to-normalized map and normalized-to-pixel); ``None`` when a matrix of the chain needs a
+    gradient or is no affine."""
+    inner, head = transform, None
     if isinstance(transform, Composite):
-        spline = transform.transforms[-1]
+        inner = transform.transforms[-1]
         head = transform._head_matrix()
         if head is None or head.requires_grad:
             return None
@@ -104,7 +122,7 @@ def _spline_and_pixel_map(image: Tensor, transform: Transform, source: Grid | No
         m = m @ source.world_to_normalized()
     if head is not None:
         m = m @ head.detach().double().cpu()
-    return spline, m.reshape(-1, 4, 4)
+    return inner, m.reshape(-1, 4, 4)
 
 
 def _fused_tps_args(
@@ -112,11 +130,36 @@ def _fused_tps_args(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
     """``(coef, control_points, P, M)`` of :func:`~stnreg.fast.fused_tps_warp` for a 3D thin-plate
     spline, alone or after constant affine matrices; else ``None``."""
-    chain = _spline_and_pixel_map(image, transform, source)
+    chain = _innermost_and_pixel_map(image, transform, source)
     if chain is None or not isinstance(chain[0], ThinPlateSpline):
         return None
     spline, m = chain
     return spline.coefficients(), spline.control_points, index_to_domain(out)[:3], m[:, :3, :]
+
+
+def _fused_field_args(
+    image: Tensor, transform: Transform, out: Sequence[int] | Grid, source: Grid | None
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    """``(field, K, R)`` of :func:`~stnreg.fast.fused_field_warp` for a displacement (or stationary
+    velocity) field, alone or after constant affine matrices, whose lattice covers the output's
+    extent (a resampled copy of its grid); else ``None``.
+
+    Input pixel position = ``pixel ∘ source normalization ∘ matrices`` applied to ``p + u(p)``: ``K``
+    maps the output index to the pixel position of ``p``, ``R`` the displacement to pixels.
+    """
+    chain = _innermost_and_pixel_map(image, transform, source)
+    if chain is None or not isinstance(chain[0], Displacement):
+        return None
+    disp, m = chain
+    i2d = index_to_domain(out)
+    shape = tuple(out.shape if isinstance(out, Grid) else out)
+    if len(shape) != 3 or not disp._shares_frame(i2d, shape):
+        return None
+    field = disp.field()
+    if shape != disp.shape:
+        # The points the reference path reads (voxel centres, border clamped), by the same resize.
+        field = F.interpolate(field, size=shape, mode="trilinear", align_corners=False)
+    return field, (m @ i2d)[:, :3, :], m[:, :3, :3]
 
 
 def _fused_bspline_args(
@@ -129,7 +172,7 @@ def _fused_bspline_args(
     with ``p`` the output voxel's point: ``K`` maps the output index to the pixel position of ``p``,
     ``R`` the displacement to pixels, all in float64.
     """
-    chain = _spline_and_pixel_map(image, transform, source)
+    chain = _innermost_and_pixel_map(image, transform, source)
     if chain is None or not isinstance(chain[0], BSpline):
         return None
     spline, m = chain

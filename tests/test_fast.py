@@ -420,3 +420,97 @@ def test_tps_on_the_fly_is_deterministic_and_gradchecks(monkeypatch):
     assert torch.autograd.gradcheck(lambda c: fused_tps_warp(img64, c, cps, p_map, m, (6, 7, 8)), (coef,))
     with pytest.raises(ValueError, match="coefficients"):
         fused_tps_warp(img64, coef[:, :-1], cps, p_map, m, (6, 7, 8))
+
+
+def _count_field_calls(monkeypatch) -> list:
+    import stnreg.fast as fast
+
+    calls = []
+    original = fast._FieldSample.apply
+    # Only the fused displacement warps (channel-first fields), not the sampler's own calls
+    # (scaling and squaring of a velocity field samples too).
+    monkeypatch.setattr(fast._FieldSample, "apply", lambda *a: (a[-1] and calls.append(1)) or original(*a))
+    return calls
+
+
+@pytest.mark.parametrize("padding", ["zeros", "border"])
+@pytest.mark.parametrize("channels", [1, 2])
+@pytest.mark.parametrize("out", [(10, 12, 14), (7, 9, 11)])
+def test_displacement_warp_reads_the_field_in_place_and_matches_the_reference(monkeypatch, padding, channels, out):
+    calls = _count_field_calls(monkeypatch)
+    g = torch.Generator().manual_seed(11)
+    image = torch.rand(2, channels, 9, 11, 13, generator=g)
+    field = 0.15 * torch.randn(2, 3, 10, 12, 14, generator=g)
+    family = stnreg.Displacement((10, 12, 14), batch=2)
+    # Output on the field's own lattice, and a coarser output (the field resized, as the reference does).
+    (fast_out, fast_grad), (ref_out, ref_grad) = _warp_twice(
+        monkeypatch, image, family.with_params, field, out=out, padding=padding
+    )
+    assert calls == [1]
+    torch.testing.assert_close(fast_out, ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast_grad, ref_grad, atol=1e-5 * ref_grad.abs().max().item(), rtol=1e-5)
+
+
+def test_velocity_field_after_matrices_in_world_space_matches_the_reference(monkeypatch):
+    calls = _count_field_calls(monkeypatch)
+    g = torch.Generator().manual_seed(12)
+    source, fixed = _oblique_source_and_fixed()
+    image = torch.rand(1, 1, *source.shape, generator=g)
+    svf = stnreg.StationaryVelocity.for_grid(fixed)
+    affine = stnreg.Affine(3, params=(torch.eye(3, 4) + 0.03 * torch.randn(3, 4, generator=g)).unsqueeze(0))
+    velocity = 0.7 * torch.randn(1, *svf.param_shape, generator=g)
+    (fast_out, fast_grad), (ref_out, ref_grad) = _warp_twice(
+        monkeypatch,
+        image,
+        lambda p: affine.compose(svf.with_params(p)),
+        velocity,
+        out=fixed,
+        source=source,
+        padding="border",
+    )
+    assert calls == [1]
+    torch.testing.assert_close(fast_out, ref_out, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(fast_grad, ref_grad, atol=1e-5 * ref_grad.abs().max().item(), rtol=1e-5)
+    # A matrix being optimized with the field takes the reference path (its gradient needs the grid).
+    monkeypatch.setenv("STNREG_FAST", "1")
+    moving = affine.with_params(affine.params.clone().requires_grad_())
+    stnreg.warp(image, moving.compose(svf.with_params(velocity)), fixed, source)
+    assert calls == [1]
+
+
+def test_displacement_warp_image_gradient_broadcast_determinism_and_gradcheck(monkeypatch):
+    from stnreg.fast import fused_field_warp
+    from stnreg.warp import _fused_field_args
+
+    calls = _count_field_calls(monkeypatch)
+    g = torch.Generator().manual_seed(13)
+    image = torch.rand(3, 1, 8, 9, 10, generator=g)
+    family = stnreg.Displacement((8, 9, 10))
+    field = 0.2 * torch.randn(1, 3, 8, 9, 10, generator=g)  # one field for a batch of three
+    results = []
+    old = torch.get_num_threads()
+    try:
+        for fast, threads in (("1", 1), ("1", 2), ("0", 1)):
+            monkeypatch.setenv("STNREG_FAST", fast)
+            torch.set_num_threads(threads)
+            x, u = image.clone().requires_grad_(), field.clone().requires_grad_()
+            out = stnreg.warp(x, family.with_params(u))
+            go = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+            results.append((out.detach(), *torch.autograd.grad(out, (x, u), go)))
+    finally:
+        torch.set_num_threads(old)
+    assert calls == [1, 1]
+    assert all(torch.equal(a, b) for a, b in zip(results[0], results[1], strict=True))  # 1 and 2 threads: same bits
+    for a, b in zip(results[0], results[2], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5 * b.abs().max().item(), rtol=1e-5)
+    img64 = image[:1].double()
+    _, k, r = _fused_field_args(img64, family, (8, 9, 10), None)
+    u64 = field.double().requires_grad_()
+    x64 = img64.clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, u: fused_field_warp(x, u, k, r, "zeros"), (x64, u64))
+    bad = field.clone()
+    bad[0, 1, 2, 3, 4] = float("nan")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        stnreg.warp(image, family.with_params(bad))
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        fused_field_warp(image, bad, k.float(), r.float())

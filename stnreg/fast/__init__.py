@@ -11,9 +11,13 @@
 - :func:`fused_tps_warp` (used by :func:`stnreg.warp` for 3D thin-plate splines, after any
   matrices): the spline is evaluated per voxel from its coefficients, so no ``voxels x K`` basis
   exists, and the backward returns ``∂L/∂coefficients`` directly.
+- :func:`fused_field_warp` (used by :func:`stnreg.warp` for displacement and stationary velocity
+  fields on the output's lattice, after any constant matrices): the field is read in place, in its
+  channel-first layout, and the lattice point made on the fly, so neither a channels-last copy nor
+  a grid exists; gradients go to the field (and to the image when it needs one).
 - :func:`fast_sample` (used by :func:`stnreg.sample`, so by every other dense, B-spline and TPS warp):
-  trilinear sampling at given coordinates; the forward keeps ``∂out/∂coords`` (one channel always,
-  more within ``_KEEP_DERIVATIVE_MAX``) so the backward is a product, not a second gather pass.
+  trilinear sampling at given coordinates. Both keep ``∂out/∂coords`` in the forward (one channel
+  always, more within ``_KEEP_DERIVATIVE_MAX``) so the backward is a product, not a second gather pass.
 - :func:`fast_lncc` (used by :func:`stnreg.losses.lncc_loss`): box filters by running sums and the
   loss's gradient in closed form, instead of autograd through cumulative sums.
 
@@ -31,6 +35,7 @@ row of partial sums per program and use no atomics.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import weakref
@@ -50,6 +55,7 @@ __all__ = [
     "fused_affine_warp",
     "fused_available",
     "fused_bspline_warp",
+    "fused_field_warp",
     "fused_tps_warp",
 ]
 
@@ -457,47 +463,78 @@ def fused_tps_warp(
 _KEEP_DERIVATIVE_MAX = 2**24
 
 
-class _FastSample(torch.autograd.Function):
+class _FieldSample(torch.autograd.Function):
+    """Trilinear sampling at ``K (x, y, z, 1) + R u`` (see :mod:`.field_cpu`), gradients to the image and ``u``.
+
+    ``u`` is ``(N, D', H', W', 3)`` (sampling coordinates) or, with ``channels_first``,
+    ``(N, 3, D', H', W')`` (a displacement field, read in place).
+    """
+
     @staticmethod
-    def forward(ctx, image: Tensor, coords: Tensor, border: bool) -> Tensor:
+    def forward(ctx, image: Tensor, u: Tensor, k: Tensor, r: Tensor, border: bool, channels_first: bool) -> Tensor:
         img = image.detach().contiguous()
-        xyz = coords.detach().contiguous()
+        vec = u.detach().contiguous()
         # A sum is finite exactly when no element is NaN or infinite (bar overflow of absurd
         # values), and costs a twentieth of isfinite().all() on a 3D grid.
-        if not bool(torch.isfinite(xyz.sum())):
-            raise ValueError("sampling coordinates contain NaN or infinity")
+        if not bool(torch.isfinite(vec.sum())):
+            raise ValueError("sampling coordinates or displacements contain NaN or infinity")
         n, c = img.shape[:2]
-        out = torch.empty((n, c, *xyz.shape[1:4]), dtype=img.dtype)
+        out_shape = tuple(vec.shape[2:] if channels_first else vec.shape[1:4])
+        layout = (1, math.prod(out_shape)) if channels_first else (3, 1)
+        kk = k.detach().to(torch.float64).expand(n, 3, 4).contiguous()
+        rr = r.detach().to(torch.float64).expand(n, 3, 3).contiguous()
+        out = torch.empty((n, c, *out_shape), dtype=img.dtype)
+        field = (vec.reshape(n, -1).numpy(), *layout, kk.numpy(), rr.numpy())
         dims = (*img.shape[2:], border)
         dv = None
         if ctx.needs_input_grad[1] and (c == 1 or out.numel() * 3 <= _KEEP_DERIVATIVE_MAX):
-            # One pass that keeps ∂out/∂coords: the backward needs no second gather.
-            dv = torch.empty((*xyz.shape[:-1], c, 3), dtype=xyz.dtype)
-            args = (_flat(img).numpy(), xyz.numpy(), out.numpy(), dv.numpy(), *dims)
-            _kernel("field3d_forward_grad")(n, out.shape[2], *args)
+            # One pass that keeps ∂out/∂u: the backward needs no second gather.
+            dv = torch.empty((n, *out_shape, c, 3), dtype=vec.dtype)
+            _kernel("field3d_forward_grad")(n, out_shape[0], _flat(img).numpy(), *field, out.numpy(), dv.numpy(), *dims)
         else:
-            _kernel("field3d_forward")(n, out.shape[2], _flat(img).numpy(), xyz.numpy(), out.numpy(), *dims)
-        ctx.save_for_backward(img, xyz, dv)
-        ctx.border = border
+            _kernel("field3d_forward")(n, out_shape[0], _flat(img).numpy(), *field, out.numpy(), *dims)
+        ctx.save_for_backward(img, vec, kk, rr, dv)
+        ctx.border, ctx.layout = border, layout
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        img, xyz, dv = ctx.saved_tensors
+        img, vec, kk, rr, dv = ctx.saved_tensors
         go = grad_out.contiguous().to(img.dtype)
-        grad_img = grad_xyz = None
+        n = go.shape[0]
+        grad_img = grad_u = None
         if ctx.needs_input_grad[1]:
-            grad_xyz = torch.empty_like(xyz)
+            grad_u = torch.empty(vec.shape, dtype=vec.dtype)  # u's layout
+            gflat = grad_u.reshape(n, -1).numpy()
             if dv is not None:
-                _kernel("field3d_chain")(go.shape[0], go.shape[2], dv.numpy(), go.numpy(), grad_xyz.numpy())
+                _kernel("field3d_chain")(n, go.shape[2], dv.numpy(), go.numpy(), gflat, *ctx.layout)
             else:
-                args = (_flat(img).numpy(), xyz.numpy(), go.numpy(), grad_xyz.numpy(), *img.shape[2:], ctx.border)
-                _kernel("field3d_grad_coords")(go.shape[0], go.shape[2], *args)
+                field = (vec.reshape(n, -1).numpy(), *ctx.layout, kk.numpy(), rr.numpy())
+                args = (_flat(img).numpy(), *field, go.numpy(), gflat, *img.shape[2:], ctx.border)
+                _kernel("field3d_grad_u")(n, go.shape[2], *args)
         if ctx.needs_input_grad[0]:
             grad_img = torch.zeros(img.shape, dtype=img.dtype)
             shape = tuple(int(s) for s in img.shape[2:])
-            _kernels()["field3d_grad_image"](shape, xyz.numpy(), go.numpy(), _flat(grad_img).numpy(), ctx.border)
-        return grad_img, grad_xyz, None
+            field = (vec.reshape(n, -1).numpy(), *ctx.layout, kk.numpy(), rr.numpy())
+            _kernels()["field3d_grad_image"](shape, *field, go.numpy(), _flat(grad_img).numpy(), ctx.border)
+        return grad_img, grad_u, None, None, None, None
+
+
+def _field_sample(image: Tensor, u: Tensor, k: Tensor, r: Tensor, border: bool, channels_first: bool) -> Tensor:
+    if not torch.is_grad_enabled():
+        # Under no_grad the Function still sees the inputs' requires_grad and would keep ∂out/∂u.
+        image, u = image.detach(), u.detach()
+    return _FieldSample.apply(image, u, k, r, border, channels_first)
+
+
+def _expand_pair(image: Tensor, other: Tensor, what: str) -> tuple[Tensor, Tensor]:
+    """``image`` and ``other`` with a batch of 1 on either side broadcast to the other's."""
+    n = check_batch(image.shape[0], other.shape[0], what)
+    if image.shape[0] != n:
+        image = image.expand(n, *image.shape[1:])
+    if other.shape[0] != n:
+        other = other.expand(n, *other.shape[1:])
+    return image, other
 
 
 def fast_sample(image: Tensor, coords: Tensor, padding: str = "zeros") -> Tensor:
@@ -512,12 +549,34 @@ def fast_sample(image: Tensor, coords: Tensor, padding: str = "zeros") -> Tensor
     Returns:
         ``(N, C, D', H', W')``; gradients flow to the image and the coordinates.
     """
-    n = check_batch(image.shape[0], coords.shape[0], "image and coordinates")
-    if image.shape[0] != n:
-        image = image.expand(n, *image.shape[1:])
-    if coords.shape[0] != n:
-        coords = coords.expand(n, *coords.shape[1:])
-    return _FastSample.apply(image, coords.to(image.dtype), padding == "border")
+    image, coords = _expand_pair(image, coords, "image and coordinates")
+    # Normalized to pixel, align_corners=False: r = (n / 2) g + (n - 1) / 2 per axis.
+    size = torch.tensor(image.shape[2:][::-1], dtype=torch.float64)
+    k = torch.zeros(1, 3, 4, dtype=torch.float64)
+    k[0, :, 3] = (size - 1) / 2
+    r = torch.diag(size / 2)[None]
+    return _field_sample(image, coords.to(image.dtype), k, r, padding == "border", False)
+
+
+def fused_field_warp(image: Tensor, field: Tensor, k: Tensor, r: Tensor, padding: str = "zeros") -> Tensor:
+    """Warp by a displacement field on the output lattice, reading the field in place (no grid).
+
+    Output voxel ``(x, y, z)`` samples the input at pixel position ``K (x, y, z, 1) + R u(x, y, z)``.
+
+    Args:
+        image: ``(N, C, D, H, W)`` float32/float64 on the CPU.
+        field: ``(N, 3, D', H', W')`` displacement, channels ``(x, y, z)``, in the units ``R`` takes;
+            its lattice is the output's (a batch of 1 on either side broadcasts).
+        k: ``(N or 1, 3, 4)`` output index ``(x, y, z, 1)`` to the input pixel position of the
+            lattice point (float64).
+        r: ``(N or 1, 3, 3)`` displacement units to input pixels (float64).
+        padding: ``"zeros"`` or ``"border"``.
+
+    Returns:
+        ``(N, C, D', H', W')``; gradients flow to the image and the field.
+    """
+    image, field = _expand_pair(image, field, "image and displacement field")
+    return _field_sample(image, field.to(image.dtype), k, r, padding == "border", True)
 
 
 def _item(x: Tensor, i: int, ch: int) -> np.ndarray:
