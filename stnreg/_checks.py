@@ -46,6 +46,16 @@ def check_batch(n_a: int, n_b: int, what: str) -> int:
     return max(n_a, n_b)
 
 
+def expand_batch(a: Tensor, b: Tensor, what: str) -> tuple[Tensor, Tensor]:
+    """``a`` and ``b`` with a batch of 1 on either side expanded (a view) to the other's batch."""
+    n = check_batch(a.shape[0], b.shape[0], what)
+    if a.shape[0] != n:
+        a = a.expand(n, *a.shape[1:])
+    if b.shape[0] != n:
+        b = b.expand(n, *b.shape[1:])
+    return a, b
+
+
 def check_ndim(ndim: int) -> int:
     """Validate a spatial rank: stnreg supports 2D and 3D."""
     if ndim not in (2, 3):

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import check_batch, check_image
+from ._checks import check_image, expand_batch
 from .coords import normalized_to_index
 from .fast import fast_available, fast_sample
 
@@ -21,15 +21,6 @@ __all__ = ["MODES", "PADDINGS", "gaussian_blur", "local_scale", "sample"]
 
 MODES = ("linear", "nearest", "label")
 PADDINGS = ("zeros", "border", "reflection")
-
-
-def _expand_batch(image: Tensor, coords: Tensor) -> tuple[Tensor, Tensor]:
-    n = check_batch(image.shape[0], coords.shape[0], "image and coordinates")
-    if image.shape[0] != n:
-        image = image.expand(n, *image.shape[1:])
-    if coords.shape[0] != n:
-        coords = coords.expand(n, *coords.shape[1:])
-    return image, coords
 
 
 def _check_coords(coords: Tensor, ndim: int) -> None:
@@ -156,7 +147,7 @@ def sample(
         raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
     ndim = check_image(image, allow_integer=mode != "linear")
     _check_coords(coords, ndim)
-    image, coords = _expand_batch(image, coords)
+    image, coords = expand_batch(image, coords, "image and coordinates")
     if mode == "linear":
         if coords.dtype != image.dtype:
             coords = coords.to(image.dtype)

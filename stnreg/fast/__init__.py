@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._checks import check_batch
+from .._checks import check_batch, expand_batch
 
 __all__ = [
     "fast_available",
@@ -236,11 +236,7 @@ def fused_affine_warp(image: Tensor, theta: Tensor, out_shape: tuple[int, ...], 
         out_shape: output spatial shape, array order.
         padding: ``"zeros"`` or ``"border"``.
     """
-    n = check_batch(image.shape[0], theta.shape[0], "image and transform")
-    if image.shape[0] != n:
-        image = image.expand(n, *image.shape[1:])
-    if theta.shape[0] != n:
-        theta = theta.expand(n, *theta.shape[1:])
+    image, theta = expand_batch(image, theta, "image and transform")
     return _FusedAffine.apply(image, theta, tuple(int(s) for s in out_shape), padding == "border")
 
 
@@ -527,16 +523,6 @@ def _field_sample(image: Tensor, u: Tensor, k: Tensor, r: Tensor, border: bool, 
     return _FieldSample.apply(image, u, k, r, border, channels_first)
 
 
-def _expand_pair(image: Tensor, other: Tensor, what: str) -> tuple[Tensor, Tensor]:
-    """``image`` and ``other`` with a batch of 1 on either side broadcast to the other's."""
-    n = check_batch(image.shape[0], other.shape[0], what)
-    if image.shape[0] != n:
-        image = image.expand(n, *image.shape[1:])
-    if other.shape[0] != n:
-        other = other.expand(n, *other.shape[1:])
-    return image, other
-
-
 def fast_sample(image: Tensor, coords: Tensor, padding: str = "zeros") -> Tensor:
     """``grid_sample(image, coords, align_corners=False)``, trilinear, with the numba kernels.
 
@@ -549,7 +535,7 @@ def fast_sample(image: Tensor, coords: Tensor, padding: str = "zeros") -> Tensor
     Returns:
         ``(N, C, D', H', W')``; gradients flow to the image and the coordinates.
     """
-    image, coords = _expand_pair(image, coords, "image and coordinates")
+    image, coords = expand_batch(image, coords, "image and coordinates")
     # Normalized to pixel, align_corners=False: r = (n / 2) g + (n - 1) / 2 per axis.
     size = torch.tensor(image.shape[2:][::-1], dtype=torch.float64)
     k = torch.zeros(1, 3, 4, dtype=torch.float64)
@@ -575,7 +561,7 @@ def fused_field_warp(image: Tensor, field: Tensor, k: Tensor, r: Tensor, padding
     Returns:
         ``(N, C, D', H', W')``; gradients flow to the image and the field.
     """
-    image, field = _expand_pair(image, field, "image and displacement field")
+    image, field = expand_batch(image, field, "image and displacement field")
     return _field_sample(image, field.to(image.dtype), k, r, padding == "border", True)
 
 
