@@ -423,13 +423,12 @@ def test_tps_on_the_fly_is_deterministic_and_gradchecks(monkeypatch):
 
 
 def _count_field_calls(monkeypatch) -> list:
-    import stnreg.fast as fast
-
+    # The image warps by a field that warp() sends to the kernels, not the field's own samples
+    # (scaling and squaring a velocity field reads it in place too).
+    module = importlib.import_module("stnreg.warp")
     calls = []
-    original = fast._FieldSample.apply
-    # Only the fused displacement warps (channel-first fields), not the sampler's own calls
-    # (scaling and squaring of a velocity field samples too).
-    monkeypatch.setattr(fast._FieldSample, "apply", lambda *a: (a[-1] and calls.append(1)) or original(*a))
+    original = module.fused_field_warp
+    monkeypatch.setattr(module, "fused_field_warp", lambda *a: calls.append(1) or original(*a))
     return calls
 
 
@@ -449,6 +448,36 @@ def test_displacement_warp_reads_the_field_in_place_and_matches_the_reference(mo
     assert calls == [1]
     torch.testing.assert_close(fast_out, ref_out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fast_grad, ref_grad, atol=1e-5 * ref_grad.abs().max().item(), rtol=1e-5)
+
+
+def test_field_compositions_read_the_fields_in_place_and_match_the_reference(monkeypatch):
+    import stnreg.fast as fast
+
+    calls = []
+    original = fast._FieldSample.apply
+    monkeypatch.setattr(fast._FieldSample, "apply", lambda *a: calls.append(1) or original(*a))
+    g = torch.Generator().manual_seed(13)
+    # Float64: float32 rounding of the two paths' positions moves a few across a cell boundary
+    # (a kink of trilinear interpolation), where the gradients differ by design.
+    a = 0.1 * torch.randn(2, 3, 9, 10, 11, generator=g, dtype=torch.float64)
+    b = 0.1 * torch.randn(1, 3, 9, 10, 11, generator=g, dtype=torch.float64)
+    # An anisotropic world frame, so that the field-to-lattice vector map is no identity.
+    domain = stnreg.Grid((9, 10, 11), spacing=(1.0, 1.5, 2.5)).world_to_normalized()
+    velocity = stnreg.StationaryVelocity((9, 10, 11), domain=domain)
+    displacement = stnreg.Displacement((9, 10, 11), domain=domain)
+    results = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("STNREG_FAST", flag)
+        pa, pb = a.clone().requires_grad_(), b.clone().requires_grad_()
+        exp = velocity.with_params(pa).field()
+        composed = displacement.with_params(pb).compose(displacement.with_params(pa)).field()
+        go = torch.randn(exp.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        grads = torch.autograd.grad((exp * go).sum() + (composed * go).sum(), (pa, pb))
+        results.append((exp.detach(), composed.detach(), *grads))
+    # Seven squarings and one composition on the kernels, then the same on grid_sample.
+    assert len(calls) == 8
+    for fast_value, ref_value in zip(*results, strict=True):
+        torch.testing.assert_close(fast_value, ref_value, atol=1e-10, rtol=1e-9)
 
 
 def test_velocity_field_after_matrices_in_world_space_matches_the_reference(monkeypatch):

@@ -40,6 +40,13 @@ def _cached_lattice(shape: tuple[int, ...], dtype: torch.dtype, device: torch.de
     return lattice(shape, "normalized", dtype, device).unsqueeze(0)
 
 
+@functools.lru_cache(maxsize=8)
+def _cached_lattice_channels_first(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``(1, d, *shape)``: adding a channels-first field to it reads and writes both contiguously,
+    2-3x faster than adding the field's channels-last view to the ``(1, *shape, d)`` lattice."""
+    return _cached_lattice(shape, dtype, device).movedim(-1, 1).contiguous()
+
+
 @functools.lru_cache(maxsize=4)
 def _cached_world_lattice(grid: Grid, dtype: torch.dtype, device: torch.device) -> Tensor:
     idx = lattice(grid.shape, "index", torch.float64, device)
@@ -49,6 +56,7 @@ def _cached_world_lattice(grid: Grid, dtype: torch.dtype, device: torch.device) 
 def clear_lattice_cache() -> None:
     """Drop the cached lattices: a 1 mm brain's world lattice alone holds 240 MB."""
     _cached_lattice.cache_clear()
+    _cached_lattice_channels_first.cache_clear()
     _cached_world_lattice.cache_clear()
 
 
