@@ -138,47 +138,50 @@ def _grad_u_slice(b, z, img, u, xs, cs, k, r, gout, gu, d, h, w, border):  # pra
 
 
 @nb.njit(**FAST)
-def _forward_grad_slice(b, z, img, u, xs, cs, k, r, out, dv, d, h, w, border):  # pragma: no cover - compiled
-    """Forward that also keeps ``∂out/∂u`` ``(N, D', H', W', C, 3)``, so that the backward is a
-    product instead of a second gather pass."""
+def _forward_grad_slice(b, z, img, u, xs, cs, k, r, out, dv, vs, chs, js, d, h, w, border):  # pragma: no cover
+    """Forward that also keeps ``∂out/∂u`` in ``dv`` ``(N, L)``, component ``j`` of channel ``c`` at
+    voxel ``v`` at ``v vs + c chs + j js``, so that the backward is a product instead of a second
+    gather pass."""
     oh, ow = out.shape[3], out.shape[4]
     kb, rb = _rows(k, b, 4), _rows(r, b, 3)
     diag = _diagonal(rb)
-    ub = u[b]
+    ub, db = u[b], dv[b]
     for y in range(oh):
-        row = (z * oh + y) * ow * xs
-        drow = dv[b, z, y]
+        row = (z * oh + y) * ow
         ox, oy, oz = _row_origin(kb, y, z)
         for c in range(img.shape[1]):
             flat, orow = img[b, c], out[b, c, z, y]
             for x in range(ow):
-                rx, ry, rz = _position(kb, rb, diag, ox, oy, oz, x, ub, row + x * xs, cs)
+                rx, ry, rz = _position(kb, rb, diag, ox, oy, oz, x, ub, (row + x) * xs, cs)
                 # Branches written out: the same through a helper returning the tuple measured 15% slower.
                 if _inside(rx, ry, rz, d, h, w):
                     v, gx, gy, gz = interior3d(flat, rx, ry, rz, w, h * w)
                 else:
                     v, gx, gy, gz = checked3d(flat, d, h, w, rx, ry, rz, border)
                 orow[x] = v
-                drow[x, c, 0], drow[x, c, 1], drow[x, c, 2] = _transposed(rb, diag, gx, gy, gz)
+                di = (row + x) * vs + c * chs
+                db[di], db[di + js], db[di + 2 * js] = _transposed(rb, diag, gx, gy, gz)
 
 
 @nb.njit(**FAST)
-def _chain_slice(b, z, dv, gout, gu, xs, cs):  # pragma: no cover - compiled
-    """``gu = Σ_c gout_c dv_c`` (torch's broadcast product measured 4x slower)."""
+def _chain_slice(b, z, dv, vs, chs, js, gout, gu, xs, cs):  # pragma: no cover - compiled
+    """``gu = Σ_c gout_c dv_c`` (torch's broadcast product measured 4x slower); ``gu`` may be
+    ``dv`` itself (one channel, ``dv`` in ``u``'s layout): each voxel is read before it is written."""
     n_c, oh, ow = gout.shape[1], gout.shape[3], gout.shape[4]
-    gb = gu[b]
+    db, gb = dv[b], gu[b]
     for y in range(oh):
-        row = (z * oh + y) * ow * xs
-        drow = dv[b, z, y]
+        row = (z * oh + y) * ow
         for x in range(ow):
+            di = (row + x) * vs
             go = gout[b, 0, z, y, x]
-            gx, gy, gz = go * drow[x, 0, 0], go * drow[x, 0, 1], go * drow[x, 0, 2]
+            gx, gy, gz = go * db[di], go * db[di + js], go * db[di + 2 * js]
             for c in range(1, n_c):
                 go = gout[b, c, z, y, x]
-                gx += go * drow[x, c, 0]
-                gy += go * drow[x, c, 1]
-                gz += go * drow[x, c, 2]
-            i = row + x * xs
+                dc = di + c * chs
+                gx += go * db[dc]
+                gy += go * db[dc + js]
+                gz += go * db[dc + 2 * js]
+            i = (row + x) * xs
             gb[i] = gx
             gb[i + cs] = gy
             gb[i + 2 * cs] = gz
