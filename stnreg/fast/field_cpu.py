@@ -14,8 +14,10 @@ Sampling coordinates are the case ``K = [0 | (n - 1) / 2]``, ``R = diag(n / 2)``
 pixel); a displacement field on the output lattice is ``K`` = the lattice point's pixel position,
 ``R`` = displacement units to pixels. The forward writes the output; the backward returns ``u``'s
 gradient from the image's spatial derivative at the same positions (kept by the forward as
-``∂out/∂u`` when it fits a memory budget, else a second gather pass), and the image gradient, a
-scatter, only when the image needs one. Work is split by output slice, as in :mod:`.affine_cpu`.
+``∂out/∂u`` when it fits a memory budget, else a second gather pass; with one channel it is kept
+in ``u``'s layout and the backward's product overwrites it with the gradient), and the image
+gradient, a scatter, only when the image needs one. Work is split by output slice, as in
+:mod:`.affine_cpu`.
 """
 
 from __future__ import annotations
