@@ -480,11 +480,12 @@ def test_field_compositions_read_the_fields_in_place_and_match_the_reference(mon
         torch.testing.assert_close(fast_value, ref_value, atol=1e-10, rtol=1e-9)
 
 
-def test_field_warp_backward_twice_gives_the_same_gradient_bit_for_bit():
-    # The first backward turns the kept ∂out/∂u into the field's gradient in place; a second one
-    # through the same graph must make it again rather than read the overwritten buffer.
+@pytest.mark.parametrize("channels", [1, 2])
+def test_field_warp_backward_twice_gives_the_same_gradient_bit_for_bit(channels):
+    # The first backward turns the kept ∂out/∂u into the field's gradient (in place with one
+    # channel) and drops it; a second one through the same graph must make it again.
     g = torch.Generator().manual_seed(14)
-    image = torch.rand(1, 1, 9, 10, 11, generator=g)
+    image = torch.rand(1, channels, 9, 10, 11, generator=g)
     field = (0.1 * torch.randn(1, 3, 9, 10, 11, generator=g)).requires_grad_()
     out = stnreg.warp(image, stnreg.Displacement((9, 10, 11)).with_params(field))
     go = torch.randn(out.shape, generator=g)

@@ -516,12 +516,13 @@ class _FieldSample(torch.autograd.Function):
         if ctx.needs_input_grad[1] and ctx.dv_layout is not None:
             dv = ctx.dv
             if dv is None:
-                # A second backward through the graph (retain_graph) after the first one overwrote
-                # ∂out/∂u: the same kernel makes it again, so the gradient comes out bit for bit.
+                # A second backward through the graph (retain_graph): the same kernel makes ∂out/∂u
+                # again, so the gradient comes out bit for bit.
                 dv = _FieldSample._forward(ctx, img, vec, kk, rr, tuple(go.shape[2:]), keep=True)[1]
-            in_place = ctx.dv_layout[1] == 0
-            grad_u = dv if in_place else torch.empty(vec.shape, dtype=vec.dtype)  # u's layout
-            ctx.dv = None if in_place else dv
+            # One channel: the product overwrites dv with the gradient. Dropped either way, as
+            # saved tensors are after a backward: the graph may outlive this pass.
+            grad_u = dv if ctx.dv_layout[1] == 0 else torch.empty(vec.shape, dtype=vec.dtype)  # u's layout
+            ctx.dv = None
             args = (dv.reshape(n, -1).numpy(), *ctx.dv_layout, go.numpy(), grad_u.reshape(n, -1).numpy(), *ctx.layout)
             _kernel("field3d_chain")(n, go.shape[2], *args)
         elif ctx.needs_input_grad[1]:
