@@ -15,7 +15,7 @@ in the same run. In 3D, stnreg runs its numba kernels on the CPU and its Triton 
     python benchmarks/sampler.py [--threads 1] [--repeats 5] [--device cpu|cuda] [--quick]
                                  [--only warps|bspline|tps|fused|kernels|lncc|mi]
 
-Writes ``benchmarks/results/sampler[-<device>][-<table>].md`` and ``.json``, with the fused affine
+Writes ``benchmarks/results/sampler[-<device>][-<table>][-<n>threads].md`` and ``.json``, with the fused affine
 similarity table (CPU and CUDA), the LNCC and the mutual information tables (CPU). For a lent GPU,
 ``benchmarks/gpu_check.py`` checks the CUDA path, then the kernel tests and these tables run.
 """
@@ -627,6 +627,8 @@ def main() -> None:
         stem += f"-{args.only}"
     if args.quick:
         stem += "-quick"
+    if device == "cpu" and args.threads != 1:
+        stem += f"-{args.threads}threads"
     title = f"# Sampler benchmark, {args.only} ({device}: {card}, torch {torch.__version__})\n" if args.only else ""
     (RESULTS / f"{stem}.md").write_text(title + body)
     meta = {"device": device, "card": card, "torch": torch.__version__, "threads": args.threads}
