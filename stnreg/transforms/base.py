@@ -44,7 +44,7 @@ def _cached_lattice(shape: tuple[int, ...], dtype: torch.dtype, device: torch.de
 def _cached_lattice_channels_first(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
     """``(1, d, *shape)``: adding a channels-first field to it reads and writes both contiguously,
     2-3x faster than adding the field's channels-last view to the ``(1, *shape, d)`` lattice."""
-    return _cached_lattice(shape, dtype, device).movedim(-1, 1).contiguous()
+    return lattice(shape, "normalized", dtype, device).movedim(-1, 0).unsqueeze(0).contiguous()
 
 
 @functools.lru_cache(maxsize=4)
