@@ -263,6 +263,24 @@ def _oblique_source_and_fixed() -> tuple[stnreg.Grid, stnreg.Grid]:
     return source, stnreg.Grid((13, 15, 17), spacing=(1.3, 1.1, 1.0), origin=(-8.0, -7.0, -6.0))
 
 
+def _near_identity_affine(g: torch.Generator) -> stnreg.Affine:
+    return stnreg.Affine(3, params=(torch.eye(3, 4) + 0.03 * torch.randn(3, 4, generator=g)).unsqueeze(0))
+
+
+def _after_matrices_twice(monkeypatch, image, affine, inner, params, source, fixed):
+    """:func:`_warp_twice` of ``affine ∘ inner(params)`` from ``source`` onto ``fixed`` in world
+    space, border padding."""
+    return _warp_twice(
+        monkeypatch,
+        image,
+        lambda p: affine.compose(inner.with_params(p)),
+        params,
+        out=fixed,
+        source=source,
+        padding="border",
+    )
+
+
 def test_bspline_in_world_space_after_matrices_matches_the_reference(monkeypatch):
     import stnreg.fast as fast
 
@@ -273,16 +291,10 @@ def test_bspline_in_world_space_after_matrices_matches_the_reference(monkeypatch
     source, fixed = _oblique_source_and_fixed()
     image = torch.rand(1, 1, *source.shape, generator=g)
     spline = stnreg.BSpline.for_grid(fixed, 4)
-    affine = stnreg.Affine(3, params=(torch.eye(3, 4) + 0.03 * torch.randn(3, 4, generator=g)).unsqueeze(0))
+    affine = _near_identity_affine(g)
     coef = 0.8 * torch.randn(1, *spline.param_shape, generator=g)
-    (fast_out, fast_grad), (ref_out, ref_grad) = _warp_twice(
-        monkeypatch,
-        image,
-        lambda p: affine.compose(spline.with_params(p)),
-        coef,
-        out=fixed,
-        source=source,
-        padding="border",
+    (fast_out, fast_grad), (ref_out, ref_grad) = _after_matrices_twice(
+        monkeypatch, image, affine, spline, coef, source, fixed
     )
     assert len(calls) == 1
     torch.testing.assert_close(fast_out, ref_out, atol=2e-5, rtol=1e-5)
@@ -371,16 +383,10 @@ def test_tps_in_world_space_after_matrices_matches_the_reference(monkeypatch):
     image = torch.rand(1, 1, *source.shape, generator=g)
     cp = torch.rand(20, 3, generator=g) * torch.tensor([17.0, 15.0, 13.0]) + torch.tensor([-8.0, -7.0, -6.0])
     spline = stnreg.ThinPlateSpline(cp)
-    affine = stnreg.Affine(3, params=(torch.eye(3, 4) + 0.03 * torch.randn(3, 4, generator=g)).unsqueeze(0))
+    affine = _near_identity_affine(g)
     params = cp + 0.7 * torch.randn(1, 20, 3, generator=g)
-    (fast_out, fast_grad), (ref_out, ref_grad) = _warp_twice(
-        monkeypatch,
-        image,
-        lambda p: affine.compose(spline.with_params(p)),
-        params,
-        out=fixed,
-        source=source,
-        padding="border",
+    (fast_out, fast_grad), (ref_out, ref_grad) = _after_matrices_twice(
+        monkeypatch, image, affine, spline, params, source, fixed
     )
     assert len(calls) == 1
     torch.testing.assert_close(fast_out, ref_out, atol=2e-5, rtol=1e-5)
@@ -502,16 +508,10 @@ def test_velocity_field_after_matrices_in_world_space_matches_the_reference(monk
     source, fixed = _oblique_source_and_fixed()
     image = torch.rand(1, 1, *source.shape, generator=g)
     svf = stnreg.StationaryVelocity.for_grid(fixed)
-    affine = stnreg.Affine(3, params=(torch.eye(3, 4) + 0.03 * torch.randn(3, 4, generator=g)).unsqueeze(0))
+    affine = _near_identity_affine(g)
     velocity = 0.7 * torch.randn(1, *svf.param_shape, generator=g)
-    (fast_out, fast_grad), (ref_out, ref_grad) = _warp_twice(
-        monkeypatch,
-        image,
-        lambda p: affine.compose(svf.with_params(p)),
-        velocity,
-        out=fixed,
-        source=source,
-        padding="border",
+    (fast_out, fast_grad), (ref_out, ref_grad) = _after_matrices_twice(
+        monkeypatch, image, affine, svf, velocity, source, fixed
     )
     assert calls == [1]
     torch.testing.assert_close(fast_out, ref_out, atol=2e-5, rtol=1e-5)
