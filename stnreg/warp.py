@@ -6,7 +6,6 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import check_image
@@ -155,11 +154,7 @@ def _fused_field_args(
     shape = tuple(out.shape if isinstance(out, Grid) else out)
     if len(shape) != 3 or not disp._shares_frame(i2d, shape):
         return None
-    field = disp.field()
-    if shape != disp.shape:
-        # The points the reference path reads (voxel centres, border clamped), by the same resize.
-        field = F.interpolate(field, size=shape, mode="trilinear", align_corners=False)
-    return field, (m @ i2d)[:, :3, :], m[:, :3, :3]
+    return disp.field_on(shape), (m @ i2d)[:, :3, :], m[:, :3, :3]
 
 
 def _fused_bspline_args(

@@ -159,6 +159,17 @@ class Displacement(ParametricTransform):
         frame = index_to_normalized_matrix(tuple(shape), device=index_to_domain.device)
         return bool(torch.allclose(self.domain.to(index_to_domain.device) @ index_to_domain, frame, atol=1e-9))
 
+    def field_on(self, shape: Sequence[int]) -> Tensor:
+        """The displacement ``(N, d, *shape)`` at the voxel centres of a lattice of ``shape`` that
+        covers the field's extent (see :meth:`_shares_frame`), in point-space units."""
+        field = self.field()
+        if tuple(shape) == self.shape:
+            return field
+        # The same points the sampler would read (voxel centres, border clamped), by the separable
+        # resize: measured faster than gathering, backward included, in 3D.
+        mode = "bilinear" if self.ndim == 2 else "trilinear"
+        return F.interpolate(field, size=tuple(shape), mode=mode, align_corners=False)
+
     def forward(self, points: Tensor) -> Tensor:
         self._check_points(points)
         u = apply_affine(self.domain.to(points.device), points)
@@ -168,12 +179,7 @@ class Displacement(ParametricTransform):
         pts, index_to_domain = output_lattice(out, self._dtype(), self._device())
         shape = tuple(pts.shape[1:-1])
         if self._shares_frame(index_to_domain, shape):
-            field = self.field()
-            if shape != self.shape:
-                # The same points the sampler would read (voxel centres, border clamped), by the
-                # separable resize: measured faster than gathering, backward included, in 3D.
-                mode = "bilinear" if self.ndim == 2 else "trilinear"
-                field = F.interpolate(field, size=shape, mode=mode, align_corners=False)
+            field = self.field_on(shape)
             if isinstance(out, Grid):
                 return _channels_last(_channels_first(pts) + field)
             return _lattice_plus(field)
