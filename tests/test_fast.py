@@ -126,6 +126,28 @@ def test_fast_sample_matches_grid_sample(monkeypatch, padding, channels, image_g
 
 
 @pytest.mark.parametrize("padding", ["zeros", "border"])
+@pytest.mark.parametrize("spatial", [(1, 5, 6), (2, 1, 7), (4, 3, 1), (2, 2, 2)])
+def test_fast_sample_matches_grid_sample_on_thin_images_and_far_positions(padding, spatial):
+    """Axes of 1 or 2 voxels have no interior (or one cell), and positions 1e12 pixels away must
+    neither crash the cell arithmetic nor read outside the image."""
+    from stnreg.fast import fast_sample
+
+    g = torch.Generator().manual_seed(4)
+    image = torch.rand(2, 2, *spatial, generator=g, requires_grad=True)
+    coords = _coords(image.shape, (3, 4, 5), g)
+    coords[0, 0, 0, :3] = torch.tensor([[1e12, 0.0, 0.0], [0.0, -1e12, 0.0], [3e11, 2e11, -1e12]])
+    coords.requires_grad_()
+    ours = fast_sample(image, coords, padding)
+    ref = F.grid_sample(image, coords, padding_mode=padding, align_corners=False)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    go = torch.randn(ours.shape, generator=g)
+    for a, b in zip(
+        torch.autograd.grad(ours, (image, coords), go), torch.autograd.grad(ref, (image, coords), go), strict=True
+    ):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("padding", ["zeros", "border"])
 def test_fast_sample_gradcheck_float64(padding):
     from stnreg.fast import fast_sample
 

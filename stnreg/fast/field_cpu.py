@@ -17,19 +17,27 @@ gradient from the image's spatial derivative at the same positions (kept by the 
 ``∂out/∂u`` when it fits a memory budget, else a second gather pass; with one channel it is kept
 in ``u``'s layout and the backward's product overwrites it with the gradient), and the image
 gradient, a scatter, only when the image needs one. Work is split by output slice, as in
-:mod:`.affine_cpu`.
+:mod:`.affine_cpu`, and each row is done in phases (positions, cells, gathers, interpolation) so
+that LLVM vectorizes all but the gathers (see :mod:`.trilinear`).
 """
 
 from __future__ import annotations
 
 import numba as nb
+import numpy as np
 
-from .trilinear import FAST, INLINE, checked3d, interior3d, interior3d_value, scatter3d
-
-
-@nb.njit(**INLINE)
-def _inside(rx: float, ry: float, rz: float, d: int, h: int, w: int) -> bool:
-    return 0.0 <= rx < w - 1.0 and 0.0 <= ry < h - 1.0 and 0.0 <= rz < d - 1.0
+from .trilinear import (
+    FAST,
+    INLINE,
+    checked3d,
+    gather_row,
+    lerp,
+    lerp_gradient,
+    row_buffers,
+    row_cells,
+    row_corners,
+    scatter_row,
+)
 
 
 @nb.njit(**INLINE)
@@ -51,17 +59,16 @@ def _rows(m, b: int, cols: int):
 
 
 @nb.njit(**INLINE)
-def _diagonal(r) -> bool:
-    """Whether ``R`` is diagonal (sampling coordinates, axis-aligned grids): then six of the nine
-    multiply-adds per voxel drop out, worth 10% of the kernel."""
-    return r[0][1] == 0.0 and r[0][2] == 0.0 and r[1][0] == 0.0 and r[1][2] == 0.0 and r[2][0] == 0.0 and r[2][1] == 0.0
+def _components(a, i: int, stride: int, cs: int, n: int):
+    """Views of the three components of ``n`` consecutive voxels of a flat field ``a`` whose voxels
+    are ``stride`` apart and components ``cs`` apart, from voxel offset ``i``."""
+    end = i + n * stride
+    return a[i:end:stride], a[i + cs : end + cs : stride], a[i + 2 * cs : end + 2 * cs : stride]
 
 
 @nb.njit(**INLINE)
-def _transposed(r, diag: bool, gx: float, gy: float, gz: float):
+def _transposed(r, gx: float, gy: float, gz: float):
     """``Rᵀ (gx, gy, gz)``: the chain rule from the pixel position to ``u``."""
-    if diag:
-        return r[0][0] * gx, r[1][1] * gy, r[2][2] * gz
     return (
         r[0][0] * gx + r[1][0] * gy + r[2][0] * gz,
         r[0][1] * gx + r[1][1] * gy + r[2][1] * gz,
@@ -70,73 +77,85 @@ def _transposed(r, diag: bool, gx: float, gy: float, gz: float):
 
 
 @nb.njit(**INLINE)
-def _row_origin(k, y: int, z: int):
-    """Pixel position of voxel ``x = 0`` of row ``(y, z)`` before the field term."""
-    return (
-        k[0][1] * y + k[0][2] * z + k[0][3],
-        k[1][1] * y + k[1][2] * z + k[1][3],
-        k[2][1] * y + k[2][2] * z + k[2][3],
-    )
+def _row_cells(ub, row: int, xs: int, cs: int, kb, rb, y: int, z: int, d: int, h: int, w: int, buf) -> None:
+    """Positions ``K (x, y, z, 1) + R u`` of row ``(y, z)`` (flat voxel offset ``row``) and their
+    cells into the scratch ``buf`` (:func:`row_buffers`)."""
+    pos, cell, inside, _ = buf
+    n = cell.shape[0]
+    ux, uy, uz = _components(ub, row * xs, xs, cs, n)
+    ox = kb[0][1] * y + kb[0][2] * z + kb[0][3]
+    oy = kb[1][1] * y + kb[1][2] * z + kb[1][3]
+    oz = kb[2][1] * y + kb[2][2] * z + kb[2][3]
+    for x in range(n):
+        a, b, c = ux[x], uy[x], uz[x]
+        pos[0, x] = ox + kb[0][0] * x + rb[0][0] * a + rb[0][1] * b + rb[0][2] * c
+        pos[1, x] = oy + kb[1][0] * x + rb[1][0] * a + rb[1][1] * b + rb[1][2] * c
+        pos[2, x] = oz + kb[2][0] * x + rb[2][0] * a + rb[2][1] * b + rb[2][2] * c
+    row_cells(pos, d, h, w, cell, inside)
 
 
 @nb.njit(**INLINE)
-def _position(k, r, diag: bool, ox: float, oy: float, oz: float, x: int, ub, i: int, cs: int):
-    """``K @ (x, y, z, 1) + R @ u`` from the row origin and ``u``'s components at ``ub[i + j cs]``."""
-    ux, uy, uz = ub[i], ub[i + cs], ub[i + 2 * cs]
-    if diag:
-        return ox + k[0][0] * x + r[0][0] * ux, oy + k[1][0] * x + r[1][1] * uy, oz + k[2][0] * x + r[2][2] * uz
-    return (
-        ox + k[0][0] * x + r[0][0] * ux + r[0][1] * uy + r[0][2] * uz,
-        oy + k[1][0] * x + r[1][0] * ux + r[1][1] * uy + r[1][2] * uz,
-        oz + k[2][0] * x + r[2][0] * ux + r[2][1] * uy + r[2][2] * uz,
-    )
+def _gathered(flat, d: int, h: int, w: int, buf) -> None:
+    """The corners of the row's cells, where the image has an interior at all."""
+    if d >= 2 and h >= 2 and w >= 2:
+        gather_row(flat, buf[1], w, h * w, buf[3])
 
 
 @nb.njit(**FAST)
 def _forward_slice(b, z, img, u, xs, cs, k, r, out, d, h, w, border):  # pragma: no cover - compiled
     oh, ow = out.shape[3], out.shape[4]
     kb, rb = _rows(k, b, 4), _rows(r, b, 3)
-    diag = _diagonal(rb)
-    ub = u[b]
+    buf = row_buffers(ow, img.dtype)
+    pos, _, inside, corners = buf
     for y in range(oh):
-        row = (z * oh + y) * ow * xs
-        ox, oy, oz = _row_origin(kb, y, z)
+        _row_cells(u[b], (z * oh + y) * ow, xs, cs, kb, rb, y, z, d, h, w, buf)
         for c in range(img.shape[1]):
-            # Row views hoisted out of the voxel loop: a view per voxel cost more than the gathers.
             flat, orow = img[b, c], out[b, c, z, y]
+            _gathered(flat, d, h, w, buf)
             for x in range(ow):
-                rx, ry, rz = _position(kb, rb, diag, ox, oy, oz, x, ub, row + x * xs, cs)
-                if _inside(rx, ry, rz, d, h, w):
-                    orow[x] = interior3d_value(flat, rx, ry, rz, w, h * w)
-                else:
-                    orow[x] = checked3d(flat, d, h, w, rx, ry, rz, border)[0]
+                orow[x] = lerp(row_corners(corners, x), pos[3, x], pos[4, x], pos[5, x])
+            for x in range(ow):
+                if not inside[x]:
+                    orow[x] = checked3d(flat, d, h, w, pos[0, x], pos[1, x], pos[2, x], border)[0]
+
+
+@nb.njit(**INLINE)
+def _row_gradients(flat, d, h, w, border, buf, rb, values, grads) -> None:
+    """Values of one channel along the row into ``values`` and ``Rᵀ ∇`` into ``grads`` ``(3, n)``."""
+    pos, _, inside, corners = buf
+    _gathered(flat, d, h, w, buf)
+    for x in range(grads.shape[1]):
+        v, gx, gy, gz = lerp_gradient(row_corners(corners, x), pos[3, x], pos[4, x], pos[5, x])
+        values[x] = v
+        grads[0, x], grads[1, x], grads[2, x] = _transposed(rb, gx, gy, gz)
+    for x in range(grads.shape[1]):
+        if not inside[x]:
+            v, gx, gy, gz = checked3d(flat, d, h, w, pos[0, x], pos[1, x], pos[2, x], border)
+            values[x] = v
+            grads[0, x], grads[1, x], grads[2, x] = _transposed(rb, gx, gy, gz)
 
 
 @nb.njit(**FAST)
 def _grad_u_slice(b, z, img, u, xs, cs, k, r, gout, gu, d, h, w, border):  # pragma: no cover - compiled
     oh, ow = gout.shape[3], gout.shape[4]
     kb, rb = _rows(k, b, 4), _rows(r, b, 3)
-    diag = _diagonal(rb)
-    ub, gb = u[b], gu[b]
+    buf = row_buffers(ow, img.dtype)
+    values = np.empty(ow, img.dtype)
+    grads = np.empty((3, ow))
+    total = np.empty((3, ow))
     for y in range(oh):
-        row = (z * oh + y) * ow * xs
-        ox, oy, oz = _row_origin(kb, y, z)
-        for x in range(ow):
-            i = row + x * xs
-            rx, ry, rz = _position(kb, rb, diag, ox, oy, oz, x, ub, i, cs)
-            sx = 0.0
-            sy = 0.0
-            sz = 0.0
-            for c in range(img.shape[1]):
-                if _inside(rx, ry, rz, d, h, w):
-                    _, gx, gy, gz = interior3d(img[b, c], rx, ry, rz, w, h * w)
-                else:
-                    _, gx, gy, gz = checked3d(img[b, c], d, h, w, rx, ry, rz, border)
-                go = gout[b, c, z, y, x]
-                sx += go * gx
-                sy += go * gy
-                sz += go * gz
-            gb[i], gb[i + cs], gb[i + 2 * cs] = _transposed(rb, diag, sx, sy, sz)
+        row = (z * oh + y) * ow
+        _row_cells(u[b], row, xs, cs, kb, rb, y, z, d, h, w, buf)
+        total[:] = 0.0
+        for c in range(img.shape[1]):
+            _row_gradients(img[b, c], d, h, w, border, buf, rb, values, grads)
+            go = gout[b, c, z, y]
+            for x in range(ow):
+                total[0, x] += go[x] * grads[0, x]
+                total[1, x] += go[x] * grads[1, x]
+                total[2, x] += go[x] * grads[2, x]
+        gx, gy, gz = _components(gu[b], row * xs, xs, cs, ow)
+        gx[:], gy[:], gz[:] = total[0], total[1], total[2]
 
 
 @nb.njit(**FAST)
@@ -146,23 +165,17 @@ def _forward_grad_slice(b, z, img, u, xs, cs, k, r, out, dv, vs, chs, js, d, h, 
     gather pass."""
     oh, ow = out.shape[3], out.shape[4]
     kb, rb = _rows(k, b, 4), _rows(r, b, 3)
-    diag = _diagonal(rb)
-    ub, db = u[b], dv[b]
+    buf = row_buffers(ow, img.dtype)
+    # Gradients go through a contiguous row first: written straight into dv's strided views, LLVM
+    # must assume they alias the scratch and does not vectorize (1.5x slower, measured).
+    grads = np.empty((3, ow), dv.dtype)
     for y in range(oh):
         row = (z * oh + y) * ow
-        ox, oy, oz = _row_origin(kb, y, z)
+        _row_cells(u[b], row, xs, cs, kb, rb, y, z, d, h, w, buf)
         for c in range(img.shape[1]):
-            flat, orow = img[b, c], out[b, c, z, y]
-            for x in range(ow):
-                rx, ry, rz = _position(kb, rb, diag, ox, oy, oz, x, ub, (row + x) * xs, cs)
-                # Branches written out: the same through a helper returning the tuple measured 15% slower.
-                if _inside(rx, ry, rz, d, h, w):
-                    v, gx, gy, gz = interior3d(flat, rx, ry, rz, w, h * w)
-                else:
-                    v, gx, gy, gz = checked3d(flat, d, h, w, rx, ry, rz, border)
-                orow[x] = v
-                di = (row + x) * vs + c * chs
-                db[di], db[di + js], db[di + 2 * js] = _transposed(rb, diag, gx, gy, gz)
+            _row_gradients(img[b, c], d, h, w, border, buf, rb, out[b, c, z, y], grads)
+            dx, dy, dz = _components(dv[b], row * vs + c * chs, vs, js, ow)
+            dx[:], dy[:], dz[:] = grads[0], grads[1], grads[2]
 
 
 @nb.njit(**FAST)
@@ -196,20 +209,16 @@ def grad_image(img_shape_dhw, u, xs, cs, k, r, gout, gimg, border):  # pragma: n
     d, h, w = img_shape_dhw
     n_b, n_c = gimg.shape[0], gimg.shape[1]
     od, oh, ow = gout.shape[2], gout.shape[3], gout.shape[4]
+    buf = row_buffers(ow, gimg.dtype)
+    pos, cell, inside, _ = buf
+    weights = np.empty((8, ow))
     for b in range(n_b):
         kb, rb = _rows(k, b, 4), _rows(r, b, 3)
-        diag = _diagonal(rb)
-        ub = u[b]
-        for c in range(n_c):
-            flat = gimg[b, c]
-            for z in range(od):
-                for y in range(oh):
-                    row = (z * oh + y) * ow * xs
-                    gorow = gout[b, c, z, y]
-                    ox, oy, oz = _row_origin(kb, y, z)
-                    for x in range(ow):
-                        rx, ry, rz = _position(kb, rb, diag, ox, oy, oz, x, ub, row + x * xs, cs)
-                        scatter3d(flat, d, h, w, rx, ry, rz, border, gorow[x])
+        for z in range(od):
+            for y in range(oh):
+                _row_cells(u[b], (z * oh + y) * ow, xs, cs, kb, rb, y, z, d, h, w, buf)
+                for c in range(n_c):
+                    scatter_row(gimg[b, c], pos, cell, inside, gout[b, c, z, y], d, h, w, border, weights)
 
 
 # Drivers as in affine_cpu (module-level, so numba's disk cache finds them in the next process).

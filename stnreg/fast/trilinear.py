@@ -8,6 +8,14 @@ Each row of output voxels is split into an interior span, where all eight neighb
 gathers need no checks (the hot loop), and the edges, which take the checked path with
 ``grid_sample``'s zero or border padding. LLVM does not vectorize these gathers here (checked in
 the assembly), so the kernels are written to keep the scalar work per voxel small.
+
+Where positions vary irregularly along a row (read from a field), the ``*_row`` functions split a
+row into phases instead: the cells and fractions of all its positions (:func:`row_cells`), the
+gathers alone (:func:`gather_row`), then the interpolation from the gathered corners
+(:func:`lerp`, :func:`lerp_gradient`) or the weights of a scatter (:func:`scatter_row`). The
+arithmetic phases have no gathers and no branches, so LLVM vectorizes them (checked in the
+assembly); the same work per voxel written as one loop runs scalar, 1.3-1.5x slower (measured on
+a 1 mm brain).
 """
 
 from __future__ import annotations
@@ -63,9 +71,8 @@ def _corners(flat, rx: float, ry: float, rz: float, w: int, hw: int):
 
 
 @nb.njit(**INLINE)
-def interior3d_value(flat, rx: float, ry: float, rz: float, w: int, hw: int) -> float:
-    """Trilinear value at an interior position (all eight neighbours inside the image)."""
-    p, fx, fy, fz = _corners(flat, rx, ry, rz, w, hw)
+def lerp(p, fx: float, fy: float, fz: float) -> float:
+    """Trilinear value from the eight corners ``p`` (bits of the index: x, y, z) and fractions."""
     a00 = p[0] + fx * (p[1] - p[0])
     a01 = p[2] + fx * (p[3] - p[2])
     a10 = p[4] + fx * (p[5] - p[4])
@@ -75,9 +82,8 @@ def interior3d_value(flat, rx: float, ry: float, rz: float, w: int, hw: int) -> 
 
 
 @nb.njit(**INLINE)
-def interior3d(flat, rx: float, ry: float, rz: float, w: int, hw: int):
-    """Value and ``∂/∂(rx, ry, rz)`` at an interior position."""
-    p, fx, fy, fz = _corners(flat, rx, ry, rz, w, hw)
+def lerp_gradient(p, fx: float, fy: float, fz: float):
+    """Trilinear value and ``∂/∂(rx, ry, rz)`` from the eight corners ``p`` and fractions."""
     d00 = p[1] - p[0]
     d01 = p[3] - p[2]
     d10 = p[5] - p[4]
@@ -94,6 +100,20 @@ def interior3d(flat, rx: float, ry: float, rz: float, w: int, hw: int):
     gx = gx0 + fz * (gx1 - gx0)
     gy = (a01 - a00) + fz * ((a11 - a10) - (a01 - a00))
     return v, gx, gy, b1 - b0
+
+
+@nb.njit(**INLINE)
+def interior3d_value(flat, rx: float, ry: float, rz: float, w: int, hw: int) -> float:
+    """Trilinear value at an interior position (all eight neighbours inside the image)."""
+    p, fx, fy, fz = _corners(flat, rx, ry, rz, w, hw)
+    return lerp(p, fx, fy, fz)
+
+
+@nb.njit(**INLINE)
+def interior3d(flat, rx: float, ry: float, rz: float, w: int, hw: int):
+    """Value and ``∂/∂(rx, ry, rz)`` at an interior position."""
+    p, fx, fy, fz = _corners(flat, rx, ry, rz, w, hw)
+    return lerp_gradient(p, fx, fy, fz)
 
 
 @nb.njit(**INLINE)
@@ -193,3 +213,97 @@ def scatter3d(gflat, d: int, h: int, w: int, rx: float, ry: float, rz: float, bo
         idx, wx, wy, wz = _corner(corner, x0, y0, z0, rx - x0, ry - y0, rz - z0, d, h, w)
         if idx >= 0:
             gflat[idx] += g * wx * wy * wz
+
+
+@nb.njit(**INLINE)
+def row_buffers(n: int, dtype):
+    """Scratch for one row of ``n`` positions: ``pos`` ``(6, n)`` (pixel positions ``x, y, z``,
+    then their cells' fractional offsets), ``cell`` ``(n,)`` (flat index of each cell's first
+    corner), ``inside`` ``(n,)`` (all eight corners exist) and ``corners`` ``(8, n)`` in ``dtype``."""
+    return np.empty((6, n)), np.empty(n, np.int64), np.empty(n, np.bool_), np.empty((8, n), dtype)
+
+
+@nb.njit(**INLINE)
+def row_cells(pos, d: int, h: int, w: int, cell, inside) -> None:
+    """From the positions in ``pos[0:3]``: ``inside``, ``cell`` and the fractions ``pos[3:6]``.
+
+    Cells are clamped into the image (a position outside reads a valid cell, whose corners the
+    edge path then ignores), in floats and then in integers: the float clamp bounds huge positions,
+    the integer clamp any conversion of a non-number. Images with an axis shorter than 2 have no
+    interior; their positions all take the edge path, which must not gather here.
+    """
+    hw = h * w
+    for x in range(cell.shape[0]):
+        rx, ry, rz = pos[0, x], pos[1, x], pos[2, x]
+        inside[x] = (rx >= 0.0) & (rx < w - 1.0) & (ry >= 0.0) & (ry < h - 1.0) & (rz >= 0.0) & (rz < d - 1.0)
+        ix = min(max(np.int64(min(max(rx, 0.0), w - 2.0)), 0), w - 2)
+        iy = min(max(np.int64(min(max(ry, 0.0), h - 2.0)), 0), h - 2)
+        iz = min(max(np.int64(min(max(rz, 0.0), d - 2.0)), 0), d - 2)
+        pos[3, x] = rx - ix
+        pos[4, x] = ry - iy
+        pos[5, x] = rz - iz
+        cell[x] = iz * hw + iy * w + ix
+
+
+@nb.njit(**INLINE)
+def gather_row(flat, cell, w: int, hw: int, corners) -> None:
+    """The eight corners of every cell of a row into ``corners`` ``(8, n)`` (needs every axis >= 2)."""
+    one, uw, uhw = np.uintp(1), np.uintp(w), np.uintp(hw)
+    for x in range(cell.shape[0]):
+        i = np.uintp(cell[x])
+        corners[0, x] = flat[i]
+        corners[1, x] = flat[i + one]
+        corners[2, x] = flat[i + uw]
+        corners[3, x] = flat[i + uw + one]
+        corners[4, x] = flat[i + uhw]
+        corners[5, x] = flat[i + uhw + one]
+        corners[6, x] = flat[i + uhw + uw]
+        corners[7, x] = flat[i + uhw + uw + one]
+
+
+@nb.njit(**INLINE)
+def row_corners(corners, x: int):
+    """The eight gathered corners of position ``x`` as a tuple, for :func:`lerp` and :func:`lerp_gradient`."""
+    return (
+        corners[0, x],
+        corners[1, x],
+        corners[2, x],
+        corners[3, x],
+        corners[4, x],
+        corners[5, x],
+        corners[6, x],
+        corners[7, x],
+    )
+
+
+@nb.njit(**INLINE)
+def scatter_row(gflat, pos, cell, inside, g, d: int, h: int, w: int, border: bool, weights) -> None:
+    """Add ``g[x]`` times the trilinear weights of every position of a row into ``gflat``: the
+    weights ``(8, n)`` in one vectorized pass, then the adds (interior) or :func:`scatter3d`."""
+    for x in range(cell.shape[0]):
+        fx, fy, fz = pos[3, x], pos[4, x], pos[5, x]
+        g0 = g[x] * (1.0 - fz)
+        g1 = g[x] * fz
+        g00, g01, g10, g11 = g0 * (1.0 - fy), g0 * fy, g1 * (1.0 - fy), g1 * fy
+        weights[0, x] = g00 * (1.0 - fx)
+        weights[1, x] = g00 * fx
+        weights[2, x] = g01 * (1.0 - fx)
+        weights[3, x] = g01 * fx
+        weights[4, x] = g10 * (1.0 - fx)
+        weights[5, x] = g10 * fx
+        weights[6, x] = g11 * (1.0 - fx)
+        weights[7, x] = g11 * fx
+    one, uw, uhw = np.uintp(1), np.uintp(w), np.uintp(h * w)
+    for x in range(cell.shape[0]):
+        if inside[x]:
+            i = np.uintp(cell[x])
+            gflat[i] += weights[0, x]
+            gflat[i + one] += weights[1, x]
+            gflat[i + uw] += weights[2, x]
+            gflat[i + uw + one] += weights[3, x]
+            gflat[i + uhw] += weights[4, x]
+            gflat[i + uhw + one] += weights[5, x]
+            gflat[i + uhw + uw] += weights[6, x]
+            gflat[i + uhw + uw + one] += weights[7, x]
+        else:
+            scatter3d(gflat, d, h, w, pos[0, x], pos[1, x], pos[2, x], border, g[x])
