@@ -21,7 +21,7 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
-from .trilinear import FAST, INLINE, checked3d, interior3d, interior3d_value
+from .trilinear import FAST, INLINE, matrix_rows, row_buffers, row_cells, row_gradients, row_values
 
 
 @nb.njit(**INLINE)
@@ -44,7 +44,7 @@ def _contract_row(coef, b, z, y, tz_idx, tz_w, ty_idx, ty_w, row) -> None:
 
 @nb.njit(**INLINE)
 def _row_positions(row, tx_idx, tx_w, kk, rr, y, z, pos) -> None:
-    """Pixel positions ``pos (3, ow)`` of one output row: ``K [x, y, z, 1] + R disp``."""
+    """Pixel positions ``pos[0:3]`` of one output row: ``K [x, y, z, 1] + R disp``."""
     px = kk[0, 1] * y + kk[0, 2] * z + kk[0, 3]
     py = kk[1, 1] * y + kk[1, 2] * z + kk[1, 3]
     pz = kk[2, 1] * y + kk[2, 2] * z + kk[2, 3]
@@ -63,31 +63,21 @@ def _row_positions(row, tx_idx, tx_w, kk, rr, y, z, pos) -> None:
         pos[2, x] = pz + kk[2, 0] * x + rr[2, 0] * d0 + rr[2, 1] * d1 + rr[2, 2] * d2
 
 
-@nb.njit(**INLINE)
-def _inside(rx: float, ry: float, rz: float, d: int, h: int, w: int) -> bool:
-    return 0.0 <= rx < w - 1.0 and 0.0 <= ry < h - 1.0 and 0.0 <= rz < d - 1.0
-
-
 @nb.njit(**FAST)
 def _forward_slice(  # pragma: no cover - compiled
     b, z, img, coef, tx_idx, tx_w, ty_idx, ty_w, tz_idx, tz_w, k, r, out, d, h, w, border
 ):
     oh, ow = out.shape[3], out.shape[4]
     row = np.empty((3, coef.shape[4]))
-    pos = np.empty((3, ow))
+    buf = row_buffers(ow, img.dtype)
+    pos, cell, inside, _ = buf
     kk, rr = k[b], r[b]
     for y in range(oh):
         _contract_row(coef, b, z, y, tz_idx, tz_w, ty_idx, ty_w, row)
         _row_positions(row, tx_idx, tx_w, kk, rr, y, z, pos)
-        # Row views hoisted out of the voxel loop (a view per voxel costs more than the gathers).
+        row_cells(pos, d, h, w, cell, inside)
         for c in range(img.shape[1]):
-            flat, orow = img[b, c], out[b, c, z, y]
-            for x in range(ow):
-                rx, ry, rz = pos[0, x], pos[1, x], pos[2, x]
-                if _inside(rx, ry, rz, d, h, w):
-                    orow[x] = interior3d_value(flat, rx, ry, rz, w, h * w)
-                else:
-                    orow[x] = checked3d(flat, d, h, w, rx, ry, rz, border)[0]
+            row_values(img[b, c], d, h, w, border, buf, out[b, c, z, y])
 
 
 @nb.njit(**FAST)
@@ -98,38 +88,33 @@ def _grad_slice(  # pragma: no cover - compiled
     cx = coef.shape[4]
     row = np.empty((3, cx))
     rgrad = np.empty((3, cx))
-    pos = np.empty((3, ow))
+    buf = row_buffers(ow, img.dtype)
+    pos, cell, inside, _ = buf
+    values = np.empty(ow, img.dtype)
+    grads = np.empty((3, ow))
     gpos = np.empty((3, ow))
-    kk, rr = k[b], r[b]
+    kk, rb = k[b], matrix_rows(r, b, 3)
     for y in range(oh):
         _contract_row(coef, b, z, y, tz_idx, tz_w, ty_idx, ty_w, row)
-        _row_positions(row, tx_idx, tx_w, kk, rr, y, z, pos)
+        _row_positions(row, tx_idx, tx_w, kk, r[b], y, z, pos)
+        row_cells(pos, d, h, w, cell, inside)
         gpos[:] = 0.0
         for c in range(img.shape[1]):
-            flat, grow = img[b, c], gout[b, c, z, y]
+            # ∂L/∂disp = Rᵀ Σ_c go_c ∇I_c(r), Rᵀ applied per channel by row_gradients.
+            row_gradients(img[b, c], d, h, w, border, buf, rb, values, grads)
+            grow = gout[b, c, z, y]
             for x in range(ow):
-                rx, ry, rz = pos[0, x], pos[1, x], pos[2, x]
-                if _inside(rx, ry, rz, d, h, w):
-                    _, vx, vy, vz = interior3d(flat, rx, ry, rz, w, h * w)
-                else:
-                    _, vx, vy, vz = checked3d(flat, d, h, w, rx, ry, rz, border)
-                g = grow[x]
-                gpos[0, x] += g * vx
-                gpos[1, x] += g * vy
-                gpos[2, x] += g * vz
+                gpos[0, x] += grow[x] * grads[0, x]
+                gpos[1, x] += grow[x] * grads[1, x]
+                gpos[2, x] += grow[x] * grads[2, x]
         rgrad[:] = 0.0
         for x in range(ow):
-            gx, gy, gz = gpos[0, x], gpos[1, x], gpos[2, x]
-            # ∂L/∂disp = Rᵀ ∂L/∂r
-            g0 = rr[0, 0] * gx + rr[1, 0] * gy + rr[2, 0] * gz
-            g1 = rr[0, 1] * gx + rr[1, 1] * gy + rr[2, 1] * gz
-            g2 = rr[0, 2] * gx + rr[1, 2] * gy + rr[2, 2] * gz
             for t in range(4):
                 j = tx_idx[x, t]
                 wt = tx_w[x, t]
-                rgrad[0, j] += wt * g0
-                rgrad[1, j] += wt * g1
-                rgrad[2, j] += wt * g2
+                rgrad[0, j] += wt * gpos[0, x]
+                rgrad[1, j] += wt * gpos[1, x]
+                rgrad[2, j] += wt * gpos[2, x]
         for e in range(4):
             we = ty_w[y, e]
             ye = ty_idx[y, e]

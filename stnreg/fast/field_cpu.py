@@ -29,33 +29,13 @@ import numpy as np
 from .trilinear import (
     FAST,
     INLINE,
-    checked3d,
-    gather_row,
-    lerp,
-    lerp_gradient,
+    matrix_rows,
     row_buffers,
     row_cells,
-    row_corners,
+    row_gradients,
+    row_values,
     scatter_row,
 )
-
-
-@nb.njit(**INLINE)
-def _rows(m, b: int, cols: int):
-    """Row-major entries of ``m[b]`` (3 x ``cols``) as a tuple of tuples, held in registers: read
-    through the array, every store to an output made LLVM load them again (it cannot rule out
-    aliasing), which cost 40% of the kernel's time."""
-    if cols == 3:
-        return (
-            (m[b, 0, 0], m[b, 0, 1], m[b, 0, 2], 0.0),
-            (m[b, 1, 0], m[b, 1, 1], m[b, 1, 2], 0.0),
-            (m[b, 2, 0], m[b, 2, 1], m[b, 2, 2], 0.0),
-        )
-    return (
-        (m[b, 0, 0], m[b, 0, 1], m[b, 0, 2], m[b, 0, 3]),
-        (m[b, 1, 0], m[b, 1, 1], m[b, 1, 2], m[b, 1, 3]),
-        (m[b, 2, 0], m[b, 2, 1], m[b, 2, 2], m[b, 2, 3]),
-    )
 
 
 @nb.njit(**INLINE)
@@ -64,16 +44,6 @@ def _components(a, i: int, stride: int, cs: int, n: int):
     are ``stride`` apart and components ``cs`` apart, from voxel offset ``i``."""
     end = i + n * stride
     return a[i:end:stride], a[i + cs : end + cs : stride], a[i + 2 * cs : end + 2 * cs : stride]
-
-
-@nb.njit(**INLINE)
-def _transposed(r, gx: float, gy: float, gz: float):
-    """``Rᵀ (gx, gy, gz)``: the chain rule from the pixel position to ``u``."""
-    return (
-        r[0][0] * gx + r[1][0] * gy + r[2][0] * gz,
-        r[0][1] * gx + r[1][1] * gy + r[2][1] * gz,
-        r[0][2] * gx + r[1][2] * gy + r[2][2] * gz,
-    )
 
 
 @nb.njit(**INLINE)
@@ -94,51 +64,21 @@ def _row_cells(ub, row: int, xs: int, cs: int, kb, rb, y: int, z: int, d: int, h
     row_cells(pos, d, h, w, cell, inside)
 
 
-@nb.njit(**INLINE)
-def _gathered(flat, d: int, h: int, w: int, buf) -> None:
-    """The corners of the row's cells, where the image has an interior at all."""
-    if d >= 2 and h >= 2 and w >= 2:
-        gather_row(flat, buf[1], w, h * w, buf[3])
-
-
 @nb.njit(**FAST)
 def _forward_slice(b, z, img, u, xs, cs, k, r, out, d, h, w, border):  # pragma: no cover - compiled
     oh, ow = out.shape[3], out.shape[4]
-    kb, rb = _rows(k, b, 4), _rows(r, b, 3)
+    kb, rb = matrix_rows(k, b, 4), matrix_rows(r, b, 3)
     buf = row_buffers(ow, img.dtype)
-    pos, _, inside, corners = buf
     for y in range(oh):
         _row_cells(u[b], (z * oh + y) * ow, xs, cs, kb, rb, y, z, d, h, w, buf)
         for c in range(img.shape[1]):
-            flat, orow = img[b, c], out[b, c, z, y]
-            _gathered(flat, d, h, w, buf)
-            for x in range(ow):
-                orow[x] = lerp(row_corners(corners, x), pos[3, x], pos[4, x], pos[5, x])
-            for x in range(ow):
-                if not inside[x]:
-                    orow[x] = checked3d(flat, d, h, w, pos[0, x], pos[1, x], pos[2, x], border)[0]
-
-
-@nb.njit(**INLINE)
-def _row_gradients(flat, d, h, w, border, buf, rb, values, grads) -> None:
-    """Values of one channel along the row into ``values`` and ``Rᵀ ∇`` into ``grads`` ``(3, n)``."""
-    pos, _, inside, corners = buf
-    _gathered(flat, d, h, w, buf)
-    for x in range(grads.shape[1]):
-        v, gx, gy, gz = lerp_gradient(row_corners(corners, x), pos[3, x], pos[4, x], pos[5, x])
-        values[x] = v
-        grads[0, x], grads[1, x], grads[2, x] = _transposed(rb, gx, gy, gz)
-    for x in range(grads.shape[1]):
-        if not inside[x]:
-            v, gx, gy, gz = checked3d(flat, d, h, w, pos[0, x], pos[1, x], pos[2, x], border)
-            values[x] = v
-            grads[0, x], grads[1, x], grads[2, x] = _transposed(rb, gx, gy, gz)
+            row_values(img[b, c], d, h, w, border, buf, out[b, c, z, y])
 
 
 @nb.njit(**FAST)
 def _grad_u_slice(b, z, img, u, xs, cs, k, r, gout, gu, d, h, w, border):  # pragma: no cover - compiled
     oh, ow = gout.shape[3], gout.shape[4]
-    kb, rb = _rows(k, b, 4), _rows(r, b, 3)
+    kb, rb = matrix_rows(k, b, 4), matrix_rows(r, b, 3)
     buf = row_buffers(ow, img.dtype)
     values = np.empty(ow, img.dtype)
     grads = np.empty((3, ow))
@@ -148,7 +88,7 @@ def _grad_u_slice(b, z, img, u, xs, cs, k, r, gout, gu, d, h, w, border):  # pra
         _row_cells(u[b], row, xs, cs, kb, rb, y, z, d, h, w, buf)
         total[:] = 0.0
         for c in range(img.shape[1]):
-            _row_gradients(img[b, c], d, h, w, border, buf, rb, values, grads)
+            row_gradients(img[b, c], d, h, w, border, buf, rb, values, grads)
             go = gout[b, c, z, y]
             for x in range(ow):
                 total[0, x] += go[x] * grads[0, x]
@@ -164,7 +104,7 @@ def _forward_grad_slice(b, z, img, u, xs, cs, k, r, out, dv, vs, chs, js, d, h, 
     voxel ``v`` at ``v vs + c chs + j js``, so that the backward is a product instead of a second
     gather pass."""
     oh, ow = out.shape[3], out.shape[4]
-    kb, rb = _rows(k, b, 4), _rows(r, b, 3)
+    kb, rb = matrix_rows(k, b, 4), matrix_rows(r, b, 3)
     buf = row_buffers(ow, img.dtype)
     # Gradients go through a contiguous row first: written straight into dv's strided views, LLVM
     # must assume they alias the scratch and does not vectorize (1.5x slower, measured).
@@ -173,7 +113,7 @@ def _forward_grad_slice(b, z, img, u, xs, cs, k, r, out, dv, vs, chs, js, d, h, 
         row = (z * oh + y) * ow
         _row_cells(u[b], row, xs, cs, kb, rb, y, z, d, h, w, buf)
         for c in range(img.shape[1]):
-            _row_gradients(img[b, c], d, h, w, border, buf, rb, out[b, c, z, y], grads)
+            row_gradients(img[b, c], d, h, w, border, buf, rb, out[b, c, z, y], grads)
             dx, dy, dz = _components(dv[b], row * vs + c * chs, vs, js, ow)
             dx[:], dy[:], dz[:] = grads[0], grads[1], grads[2]
 
@@ -213,7 +153,7 @@ def grad_image(img_shape_dhw, u, xs, cs, k, r, gout, gimg, border):  # pragma: n
     pos, cell, inside, _ = buf
     weights = np.empty((8, ow))
     for b in range(n_b):
-        kb, rb = _rows(k, b, 4), _rows(r, b, 3)
+        kb, rb = matrix_rows(k, b, 4), matrix_rows(r, b, 3)
         for z in range(od):
             for y in range(oh):
                 _row_cells(u[b], (z * oh + y) * ow, xs, cs, kb, rb, y, z, d, h, w, buf)

@@ -307,3 +307,69 @@ def scatter_row(gflat, pos, cell, inside, g, d: int, h: int, w: int, border: boo
             gflat[i + uhw + uw + one] += weights[7, x]
         else:
             scatter3d(gflat, d, h, w, pos[0, x], pos[1, x], pos[2, x], border, g[x])
+
+
+@nb.njit(**INLINE)
+def matrix_rows(m, b: int, cols: int):
+    """Row-major entries of ``m[b]`` (3 x ``cols``) as a tuple of tuples, held in registers: read
+    through the array, every store to an output made LLVM load them again (it cannot rule out
+    aliasing), which cost 40% of the kernel's time."""
+    if cols == 3:
+        return (
+            (m[b, 0, 0], m[b, 0, 1], m[b, 0, 2], 0.0),
+            (m[b, 1, 0], m[b, 1, 1], m[b, 1, 2], 0.0),
+            (m[b, 2, 0], m[b, 2, 1], m[b, 2, 2], 0.0),
+        )
+    return (
+        (m[b, 0, 0], m[b, 0, 1], m[b, 0, 2], m[b, 0, 3]),
+        (m[b, 1, 0], m[b, 1, 1], m[b, 1, 2], m[b, 1, 3]),
+        (m[b, 2, 0], m[b, 2, 1], m[b, 2, 2], m[b, 2, 3]),
+    )
+
+
+@nb.njit(**INLINE)
+def transposed(r, gx: float, gy: float, gz: float):
+    """``Rᵀ (gx, gy, gz)`` for ``r`` from :func:`matrix_rows`: the chain rule from a pixel position
+    ``K x + R u`` to ``u``."""
+    return (
+        r[0][0] * gx + r[1][0] * gy + r[2][0] * gz,
+        r[0][1] * gx + r[1][1] * gy + r[2][1] * gz,
+        r[0][2] * gx + r[1][2] * gy + r[2][2] * gz,
+    )
+
+
+@nb.njit(**INLINE)
+def gathered(flat, d: int, h: int, w: int, buf) -> None:
+    """The corners of the cells in ``buf`` (:func:`row_buffers`, after :func:`row_cells`) from
+    ``flat``; nothing when an axis is shorter than 2 voxels (no position is inside then)."""
+    if d >= 2 and h >= 2 and w >= 2:
+        gather_row(flat, buf[1], w, h * w, buf[3])
+
+
+@nb.njit(**INLINE)
+def row_values(flat, d: int, h: int, w: int, border: bool, buf, values) -> None:
+    """Values of ``flat`` at the row's positions in ``buf`` into ``values`` ``(n,)``."""
+    pos, _, inside, corners = buf
+    gathered(flat, d, h, w, buf)
+    for x in range(values.shape[0]):
+        values[x] = lerp(row_corners(corners, x), pos[3, x], pos[4, x], pos[5, x])
+    for x in range(values.shape[0]):
+        if not inside[x]:
+            values[x] = checked3d(flat, d, h, w, pos[0, x], pos[1, x], pos[2, x], border)[0]
+
+
+@nb.njit(**INLINE)
+def row_gradients(flat, d: int, h: int, w: int, border: bool, buf, rb, values, grads) -> None:
+    """Values of ``flat`` at the row's positions in ``buf`` into ``values`` ``(n,)``, and their
+    spatial gradients times ``Rᵀ`` (``rb`` from :func:`matrix_rows`) into ``grads`` ``(3, n)``."""
+    pos, _, inside, corners = buf
+    gathered(flat, d, h, w, buf)
+    for x in range(grads.shape[1]):
+        v, gx, gy, gz = lerp_gradient(row_corners(corners, x), pos[3, x], pos[4, x], pos[5, x])
+        values[x] = v
+        grads[0, x], grads[1, x], grads[2, x] = transposed(rb, gx, gy, gz)
+    for x in range(grads.shape[1]):
+        if not inside[x]:
+            v, gx, gy, gz = checked3d(flat, d, h, w, pos[0, x], pos[1, x], pos[2, x], border)
+            values[x] = v
+            grads[0, x], grads[1, x], grads[2, x] = transposed(rb, gx, gy, gz)
