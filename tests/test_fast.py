@@ -1,5 +1,6 @@
 import importlib
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -188,6 +189,22 @@ def test_fast_paths_reject_non_finite_input():
     theta[0, 0, 3] = float("inf")
     with pytest.raises(ValueError, match="NaN or infinity"):
         fused_affine_warp(torch.rand(1, 1, 4, 4, 4), theta, (4, 4, 4))
+
+
+@pytest.mark.parametrize(
+    ("size", "window"), [((12, 13, 14), (5, 3, 7)), ((3, 17, 5), (9, 3, 11)), ((20, 9, 1), (1, 21, 3))]
+)
+def test_box_filter_matches_zero_padded_average_pooling(size, window):
+    """The LNCC box filter (running sums by rows, z in blocks of rows), windows larger than the image
+    included, against average pooling of the zero-padded image."""
+    from stnreg.fast.lncc_cpu import box3d
+
+    x = torch.rand(size, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    out, tmp = np.empty(size), np.empty(size)
+    box3d(x.numpy(), window, out, tmp)
+    padded = F.pad(x, [k // 2 for k in reversed(window) for _ in range(2)])
+    ref = F.avg_pool3d(padded[None, None], window, stride=1)[0, 0]
+    torch.testing.assert_close(torch.from_numpy(out), ref, atol=1e-12, rtol=1e-12)
 
 
 @pytest.mark.parametrize("masked", [False, True])
