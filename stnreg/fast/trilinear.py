@@ -16,6 +16,10 @@ gathers alone (:func:`gather_row`), then the interpolation from the gathered cor
 arithmetic phases have no gathers and no branches, so LLVM vectorizes them (checked in the
 assembly); the same work per voxel written as one loop runs scalar, 1.3-1.5x slower (measured on
 a 1 mm brain).
+
+numba's disk cache keys each kernel on its own module's file, not on the helpers it inlines from
+here: after editing this module, delete ``stnreg/fast/__pycache__/*.nb[ic]`` (the test suite drops
+cache files older than any kernel source by itself).
 """
 
 from __future__ import annotations
@@ -185,24 +189,45 @@ def checked3d(flat, d: int, h: int, w: int, rx: float, ry: float, rz: float, bor
 
 
 @nb.njit(**INLINE)
+def _weights(g: float, fx: float, fy: float, fz: float):
+    """``g`` times the trilinear weights of the eight corners (bits of the index: x, y, z)."""
+    g0, g1 = g * (1.0 - fz), g * fz
+    g00, g01, g10, g11 = g0 * (1.0 - fy), g0 * fy, g1 * (1.0 - fy), g1 * fy
+    return (
+        g00 * (1.0 - fx),
+        g00 * fx,
+        g01 * (1.0 - fx),
+        g01 * fx,
+        g10 * (1.0 - fx),
+        g10 * fx,
+        g11 * (1.0 - fx),
+        g11 * fx,
+    )
+
+
+@nb.njit(**INLINE)
+def _add_cell(gflat, base, w: int, hw: int, wts) -> None:
+    """Add the eight ``wts`` to the corners of the interior cell whose first corner is ``base``."""
+    one, uw, uhw = np.uintp(1), np.uintp(w), np.uintp(hw)
+    i = np.uintp(base)
+    gflat[i] += wts[0]
+    gflat[i + one] += wts[1]
+    gflat[i + uw] += wts[2]
+    gflat[i + uw + one] += wts[3]
+    gflat[i + uhw] += wts[4]
+    gflat[i + uhw + one] += wts[5]
+    gflat[i + uhw + uw] += wts[6]
+    gflat[i + uhw + uw + one] += wts[7]
+
+
+@nb.njit(**INLINE)
 def scatter3d(gflat, d: int, h: int, w: int, rx: float, ry: float, rz: float, border: bool, g: float) -> None:
     """Add ``g`` times the trilinear weights at a position into ``gflat`` (the image gradient)."""
     if 0.0 <= rx < w - 1.0 and 0.0 <= ry < h - 1.0 and 0.0 <= rz < d - 1.0:
         # Interior: eight unchecked adds (the common case, twice as fast as the checked loops).
         ix, iy, iz = np.uintp(rx), np.uintp(ry), np.uintp(rz)
-        fx, fy, fz = rx - ix, ry - iy, rz - iz
-        one, uw, uhw = np.uintp(1), np.uintp(w), np.uintp(h * w)
-        base = iz * uhw + iy * uw + ix
-        g0, g1 = g * (1.0 - fz), g * fz
-        g00, g01, g10, g11 = g0 * (1.0 - fy), g0 * fy, g1 * (1.0 - fy), g1 * fy
-        gflat[base] += g00 * (1.0 - fx)
-        gflat[base + one] += g00 * fx
-        gflat[base + uw] += g01 * (1.0 - fx)
-        gflat[base + uw + one] += g01 * fx
-        gflat[base + uhw] += g10 * (1.0 - fx)
-        gflat[base + uhw + one] += g10 * fx
-        gflat[base + uhw + uw] += g11 * (1.0 - fx)
-        gflat[base + uhw + uw + one] += g11 * fx
+        base = iz * np.uintp(h * w) + iy * np.uintp(w) + ix
+        _add_cell(gflat, base, w, h * w, _weights(g, rx - ix, ry - iy, rz - iz))
         return
     if border:
         rx = min(max(rx, 0.0), w - 1.0)
@@ -262,18 +287,10 @@ def gather_row(flat, cell, w: int, hw: int, corners) -> None:
 
 
 @nb.njit(**INLINE)
-def row_corners(corners, x: int):
-    """The eight gathered corners of position ``x`` as a tuple, for :func:`lerp` and :func:`lerp_gradient`."""
-    return (
-        corners[0, x],
-        corners[1, x],
-        corners[2, x],
-        corners[3, x],
-        corners[4, x],
-        corners[5, x],
-        corners[6, x],
-        corners[7, x],
-    )
+def column8(a, x: int):
+    """Column ``x`` of an ``(8, n)`` row buffer as a tuple: the gathered corners of position ``x``
+    for :func:`lerp` and :func:`lerp_gradient`."""
+    return (a[0, x], a[1, x], a[2, x], a[3, x], a[4, x], a[5, x], a[6, x], a[7, x])
 
 
 @nb.njit(**INLINE)
@@ -281,21 +298,14 @@ def scatter_row(gflat, pos, cell, inside, g, d: int, h: int, w: int, border: boo
     """Add ``g[x]`` times the trilinear weights of every position of a row into ``gflat``: the
     weights ``(8, n)`` in one vectorized pass, then the adds (interior) or :func:`scatter3d`."""
     for x in range(cell.shape[0]):
-        fx, fy, fz = pos[3, x], pos[4, x], pos[5, x]
-        g0 = g[x] * (1.0 - fz)
-        g1 = g[x] * fz
-        g00, g01, g10, g11 = g0 * (1.0 - fy), g0 * fy, g1 * (1.0 - fy), g1 * fy
-        weights[0, x] = g00 * (1.0 - fx)
-        weights[1, x] = g00 * fx
-        weights[2, x] = g01 * (1.0 - fx)
-        weights[3, x] = g01 * fx
-        weights[4, x] = g10 * (1.0 - fx)
-        weights[5, x] = g10 * fx
-        weights[6, x] = g11 * (1.0 - fx)
-        weights[7, x] = g11 * fx
+        wts = _weights(g[x], pos[3, x], pos[4, x], pos[5, x])
+        weights[0, x], weights[1, x], weights[2, x], weights[3, x] = wts[0], wts[1], wts[2], wts[3]
+        weights[4, x], weights[5, x], weights[6, x], weights[7, x] = wts[4], wts[5], wts[6], wts[7]
     one, uw, uhw = np.uintp(1), np.uintp(w), np.uintp(h * w)
     for x in range(cell.shape[0]):
         if inside[x]:
+            # Each weight read next to its add: reading all eight first (a tuple for _add_cell)
+            # made this loop 2x slower (measured).
             i = np.uintp(cell[x])
             gflat[i] += weights[0, x]
             gflat[i + one] += weights[1, x]
@@ -352,7 +362,7 @@ def row_values(flat, d: int, h: int, w: int, border: bool, buf, values) -> None:
     pos, _, inside, corners = buf
     gathered(flat, d, h, w, buf)
     for x in range(values.shape[0]):
-        values[x] = lerp(row_corners(corners, x), pos[3, x], pos[4, x], pos[5, x])
+        values[x] = lerp(column8(corners, x), pos[3, x], pos[4, x], pos[5, x])
     for x in range(values.shape[0]):
         if not inside[x]:
             values[x] = checked3d(flat, d, h, w, pos[0, x], pos[1, x], pos[2, x], border)[0]
@@ -365,7 +375,7 @@ def row_gradients(flat, d: int, h: int, w: int, border: bool, buf, rb, values, g
     pos, _, inside, corners = buf
     gathered(flat, d, h, w, buf)
     for x in range(grads.shape[1]):
-        v, gx, gy, gz = lerp_gradient(row_corners(corners, x), pos[3, x], pos[4, x], pos[5, x])
+        v, gx, gy, gz = lerp_gradient(column8(corners, x), pos[3, x], pos[4, x], pos[5, x])
         values[x] = v
         grads[0, x], grads[1, x], grads[2, x] = transposed(rb, gx, gy, gz)
     for x in range(grads.shape[1]):
