@@ -22,7 +22,18 @@ import math
 import numba as nb
 import numpy as np
 
-from .trilinear import FAST, INLINE, checked3d, interior3d, interior3d_value, moments, row_span, scatter3d
+from .trilinear import (
+    FAST,
+    INLINE,
+    checked3d,
+    interior3d,
+    moments,
+    row_buffers,
+    row_cells,
+    row_span,
+    row_values,
+    scatter_row,
+)
 
 _OPTS = {"cache": True, "nogil": True, "fastmath": False, "error_model": "numpy"}
 
@@ -45,6 +56,18 @@ def _row_start(t, z: int, y: int, od: int, oh: int, ow: int, d: int, h: int, w: 
     ry = ((t[1, 0] * ux + t[1, 1] * uy + t[1, 2] * uz + t[1, 3] + 1.0) * h - 1.0) * 0.5
     rz = ((t[2, 0] * ux + t[2, 1] * uy + t[2, 2] * uz + t[2, 3] + 1.0) * d - 1.0) * 0.5
     return rx, ry, rz, t[0, 0] * w / ow, t[1, 0] * h / ow, t[2, 0] * d / ow
+
+
+@nb.njit(**INLINE)
+def _row_cells(t, z: int, y: int, od: int, oh: int, ow: int, d: int, h: int, w: int, buf) -> None:
+    """Positions of output row ``(z, y)`` under θ and their cells into the scratch ``buf``."""
+    pos, cell, inside, _ = buf
+    rx, ry, rz, ax, ay, az = _row_start(t, z, y, od, oh, ow, d, h, w)
+    for x in range(ow):
+        pos[0, x] = rx + x * ax
+        pos[1, x] = ry + x * ay
+        pos[2, x] = rz + x * az
+    row_cells(pos, d, h, w, cell, inside)
 
 
 @nb.njit(**INLINE)
@@ -71,18 +94,12 @@ def _scale_rows(acc, d: int, h: int, w: int) -> None:
 
 @nb.njit(**FAST)
 def _forward_slice(b, z, img, theta, out, d, h, w, border):  # pragma: no cover - compiled
-    n_c = img.shape[1]
     od, oh, ow = out.shape[2], out.shape[3], out.shape[4]
+    buf = row_buffers(ow, img.dtype)
     for y in range(oh):
-        rx, ry, rz, ax, ay, az = _row_start(theta[b], z, y, od, oh, ow, d, h, w)
-        lo, hi = row_span(rx, ry, rz, ax, ay, az, d, h, w, ow)
-        for c in range(n_c):
-            flat, row = img[b, c], out[b, c, z, y]
-            for x in range(lo, hi):
-                row[x] = interior3d_value(flat, rx + x * ax, ry + x * ay, rz + x * az, w, h * w)
-            for x in range(ow):
-                if not lo <= x < hi:
-                    row[x] = checked3d(flat, d, h, w, rx + x * ax, ry + x * ay, rz + x * az, border)[0]
+        _row_cells(theta[b], z, y, od, oh, ow, d, h, w, buf)
+        for c in range(img.shape[1]):
+            row_values(img[b, c], d, h, w, border, buf, out[b, c, z, y])
 
 
 @nb.njit(**FAST)
@@ -233,16 +250,16 @@ _KERNELS3D = {
 def affine3d_grad_image(theta, gout, gimg, d, h, w, border):  # pragma: no cover - compiled
     """Scatter ``gout`` back through the trilinear weights into ``gimg`` ``(N, C, D*H*W)`` (one thread:
     neighbouring outputs share input voxels)."""
-    n_b, n_c = gimg.shape[0], gimg.shape[1]
     od, oh, ow = gout.shape[2], gout.shape[3], gout.shape[4]
-    for b in range(n_b):
+    buf = row_buffers(ow, gimg.dtype)
+    pos, cell, inside, _ = buf
+    weights = np.empty((8, ow))
+    for b in range(gimg.shape[0]):
         for z in range(od):
             for y in range(oh):
-                rx, ry, rz, ax, ay, az = _row_start(theta[b], z, y, od, oh, ow, d, h, w)
-                for x in range(ow):
-                    px, py, pz = rx + x * ax, ry + x * ay, rz + x * az
-                    for c in range(n_c):
-                        scatter3d(gimg[b, c], d, h, w, px, py, pz, border, gout[b, c, z, y, x])
+                _row_cells(theta[b], z, y, od, oh, ow, d, h, w, buf)
+                for c in range(gimg.shape[1]):
+                    scatter_row(gimg[b, c], pos, cell, inside, gout[b, c, z, y], d, h, w, border, weights)
 
 
 @nb.njit(parallel=True, **_OPTS)
