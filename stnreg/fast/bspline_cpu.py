@@ -21,7 +21,7 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
-from .trilinear import FAST, INLINE, matrix_rows, row_buffers, row_cells, row_gradients, row_values
+from .trilinear import FAST, INLINE, matrix_rows, row_buffers, row_cells, row_position_gradients, row_values
 
 
 @nb.njit(**INLINE)
@@ -98,15 +98,8 @@ def _grad_slice(  # pragma: no cover - compiled
         _contract_row(coef, b, z, y, tz_idx, tz_w, ty_idx, ty_w, row)
         _row_positions(row, tx_idx, tx_w, kk, r[b], y, z, pos)
         row_cells(pos, d, h, w, cell, inside)
-        gpos[:] = 0.0
-        for c in range(img.shape[1]):
-            # ∂L/∂disp = Rᵀ Σ_c go_c ∇I_c(r), Rᵀ applied per channel by row_gradients.
-            row_gradients(img[b, c], d, h, w, border, buf, rb, values, grads)
-            grow = gout[b, c, z, y]
-            for x in range(ow):
-                gpos[0, x] += grow[x] * grads[0, x]
-                gpos[1, x] += grow[x] * grads[1, x]
-                gpos[2, x] += grow[x] * grads[2, x]
+        # ∂L/∂disp = Rᵀ Σ_c go_c ∇I_c(r)
+        row_position_gradients(img[b], gout[b, :, z, y], d, h, w, border, buf, rb, values, grads, gpos)
         rgrad[:] = 0.0
         for x in range(ow):
             for t in range(4):

@@ -33,6 +33,7 @@ from .trilinear import (
     row_buffers,
     row_cells,
     row_gradients,
+    row_position_gradients,
     row_values,
     scatter_row,
 )
@@ -86,14 +87,7 @@ def _grad_u_slice(b, z, img, u, xs, cs, k, r, gout, gu, d, h, w, border):  # pra
     for y in range(oh):
         row = (z * oh + y) * ow
         _row_cells(u[b], row, xs, cs, kb, rb, y, z, d, h, w, buf)
-        total[:] = 0.0
-        for c in range(img.shape[1]):
-            row_gradients(img[b, c], d, h, w, border, buf, rb, values, grads)
-            go = gout[b, c, z, y]
-            for x in range(ow):
-                total[0, x] += go[x] * grads[0, x]
-                total[1, x] += go[x] * grads[1, x]
-                total[2, x] += go[x] * grads[2, x]
+        row_position_gradients(img[b], gout[b, :, z, y], d, h, w, border, buf, rb, values, grads, total)
         gx, gy, gz = _components(gu[b], row * xs, xs, cs, ow)
         gx[:], gy[:], gz[:] = total[0], total[1], total[2]
 

@@ -386,3 +386,18 @@ def row_gradients(flat, d: int, h: int, w: int, border: bool, buf, rb, values, g
             v, gx, gy, gz = checked3d(flat, d, h, w, pos[0, x], pos[1, x], pos[2, x], border)
             values[x] = v
             grads[0, x], grads[1, x], grads[2, x] = transposed(rb, gx, gy, gz)
+
+
+@nb.njit(**INLINE)
+def row_position_gradients(img_b, go_rows, d: int, h: int, w: int, border: bool, buf, rb, values, grads, total):
+    """``total`` ``(3, n)`` = ``Σ_c go_c Rᵀ ∇I_c`` at the row's positions in ``buf``: the gradient of
+    ``Σ_c go_c I_c(r)`` with respect to ``u`` in ``r = K x + R u``, for ``img_b`` ``(C, D*H*W)`` and
+    ``go_rows`` ``(C, n)``; ``values`` and ``grads`` are scratch for :func:`row_gradients`."""
+    total[:] = 0.0
+    for c in range(img_b.shape[0]):
+        row_gradients(img_b[c], d, h, w, border, buf, rb, values, grads)
+        go = go_rows[c]
+        for x in range(total.shape[1]):
+            total[0, x] += go[x] * grads[0, x]
+            total[1, x] += go[x] * grads[1, x]
+            total[2, x] += go[x] * grads[2, x]
