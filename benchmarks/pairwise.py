@@ -336,9 +336,12 @@ def main() -> None:
     if args.methods:
         keep = [m.strip() for m in args.methods.split(",")]
         table = {k: v for k, v in table.items() if k in keep}
-    # One-time costs (kernel loading, allocator warm-up) are nobody's registration time.
-    warm = Image(torch.rand(1, 32, 32), stnreg.Grid((32, 32)))
-    stnreg.register(warm, warm, "affine+svf", progress=False, device="cpu")
+    # One-time costs (kernel loading or, with a cold numba cache, compiling; allocator warm-up) are
+    # nobody's registration time: a small 2D and 3D run through the paths the cases take.
+    for shape in ((32, 32), (12, 14, 16)):
+        warm = Image(torch.rand(1, *shape), stnreg.Grid(shape))
+        for transform, loss in (("rigid+affine+svf", "lncc"), ("affine+bspline", "mi")):
+            stnreg.register(warm, warm, transform, loss=loss, progress=False, device="cpu")
     rows = []
     RESULTS.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmpd:
