@@ -598,3 +598,26 @@ def test_displacement_warp_image_gradient_broadcast_determinism_and_gradcheck(mo
         stnreg.warp(image, family.with_params(bad))
     with pytest.raises(ValueError, match="NaN or infinity"):
         fused_field_warp(image, bad, k.float(), r.float())
+
+
+def test_kernel_caches_older_than_a_kernel_source_are_dropped():
+    """numba would load a kernel cached before an edit to a helper it inlines from another module."""
+    import os
+    from pathlib import Path
+
+    import stnreg.fast as fast
+
+    cache = Path(fast.__file__).resolve().parent / "__pycache__"
+    cache.mkdir(exist_ok=True)
+    stale, fresh = cache / "stnreg_test_stale.nbi", cache / "stnreg_test_fresh.nbc"
+    newest = max(f.stat().st_mtime for f in Path(fast.__file__).resolve().parent.glob("*.py"))
+    try:
+        for f, t in ((stale, newest - 60), (fresh, newest + 60)):
+            f.write_bytes(b"")
+            os.utime(f, (t, t))
+        fast._drop_stale_kernel_caches()
+        assert not stale.exists()
+        assert fresh.exists()
+    finally:
+        stale.unlink(missing_ok=True)
+        fresh.unlink(missing_ok=True)

@@ -39,6 +39,7 @@ import math
 import os
 import sys
 import weakref
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -65,6 +66,24 @@ _TRITON = None
 _TRITON_NOTICE_GIVEN = False
 
 
+def _drop_stale_kernel_caches() -> None:
+    """Delete numba cache files in this package that are older than any kernel source.
+
+    numba keys each cached kernel on its own module's file only, not on the helpers it inlines from
+    :mod:`.trilinear`: after an edit there (or a ``git pull`` into an editable install that changed
+    only that file), the old machine code would load silently. Where the package directory is
+    read-only, numba caches elsewhere and every install rewrites all sources anyway.
+    """
+    here = Path(__file__).resolve().parent
+    newest = max(f.stat().st_mtime for f in here.glob("*.py"))
+    for f in (*here.glob("__pycache__/*.nbi"), *here.glob("__pycache__/*.nbc")):
+        try:
+            if f.stat().st_mtime < newest:
+                f.unlink()
+        except OSError:  # read-only, or removed by a concurrent process
+            pass
+
+
 def _kernels():
     """Import (and JIT-compile on first use) the numba kernels; ``None`` where they cannot run."""
     global _KERNELS, _NOTICE_GIVEN
@@ -75,6 +94,7 @@ def _kernels():
             if "NUMBA_THREADING_LAYER" not in os.environ:
                 # A pool that sleeps between calls: OpenMP's spinning workers slowed everything else.
                 numba.config.THREADING_LAYER = "workqueue"
+            _drop_stale_kernel_caches()
             from . import affine_cpu, bspline_cpu, field_cpu, lncc_cpu, tps_cpu
 
             _KERNELS = {**affine_cpu.KERNELS, **field_cpu.KERNELS, **bspline_cpu.KERNELS, **tps_cpu.KERNELS}

@@ -21,8 +21,8 @@ stay in registers; in phases they ran 5-20% slower (measured), since the reducti
 vectorize and the row buffers add a pass.
 
 numba's disk cache keys each kernel on its own module's file, not on the helpers it inlines from
-here: after editing this module, delete ``stnreg/fast/__pycache__/*.nb[ic]`` (the test suite drops
-cache files older than any kernel source by itself).
+here: :func:`stnreg.fast._drop_stale_kernel_caches` deletes cache files older than any kernel
+source before the kernels load.
 """
 
 from __future__ import annotations
