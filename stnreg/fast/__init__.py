@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._checks import check_batch, expand_batch
+from ..coords import normalized_to_index_matrix
 
 __all__ = [
     "fast_available",
@@ -186,7 +187,7 @@ _NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 def _buffer(shape: tuple[int, ...], dtype: torch.dtype, zero: bool = False) -> Tensor:
     """A CPU tensor for a kernel to fill: ``torch.empty`` / ``torch.zeros``, or numpy's huge-page
     memory for float buffers over ``_HUGE_PAGE_MIN_BYTES``."""
-    if dtype in _NUMPY_DTYPES and math.prod(shape) * torch.finfo(dtype).bits // 8 >= _HUGE_PAGE_MIN_BYTES:
+    if dtype in _NUMPY_DTYPES and math.prod(shape) * dtype.itemsize >= _HUGE_PAGE_MIN_BYTES:
         return torch.from_numpy((np.zeros if zero else np.empty)(shape, _NUMPY_DTYPES[dtype]))
     return (torch.zeros if zero else torch.empty)(shape, dtype=dtype)
 
@@ -530,11 +531,16 @@ class _FieldSample(torch.autograd.Function):
         return _FieldSample._forward(ctx, img, vec, kk, rr, out_shape, keep=False)[0]
 
     @staticmethod
+    def _field(ctx, vec: Tensor, kk: Tensor, rr: Tensor) -> tuple:
+        """The kernels' field arguments: ``u`` flat per item, its layout strides, ``K`` and ``R``."""
+        return (vec.reshape(vec.shape[0], -1).numpy(), *ctx.layout, kk.numpy(), rr.numpy())
+
+    @staticmethod
     def _forward(ctx, img: Tensor, vec: Tensor, kk: Tensor, rr: Tensor, out_shape: tuple, keep: bool):
         """The output and, with ``keep``, ``∂out/∂u`` in ``ctx.dv_layout``."""
         n, c = img.shape[:2]
         out = _buffer((n, c, *out_shape), img.dtype)
-        field = (vec.reshape(n, -1).numpy(), *ctx.layout, kk.numpy(), rr.numpy())
+        field = _FieldSample._field(ctx, vec, kk, rr)
         dims = (*img.shape[2:], ctx.border)
         if not keep:
             _kernel("field3d_forward")(n, out_shape[0], _flat(img).numpy(), *field, out.numpy(), *dims)
@@ -564,13 +570,13 @@ class _FieldSample(torch.autograd.Function):
             _kernel("field3d_chain")(n, go.shape[2], *args)
         elif ctx.needs_input_grad[1]:
             grad_u = _buffer(tuple(vec.shape), vec.dtype)
-            field = (vec.reshape(n, -1).numpy(), *ctx.layout, kk.numpy(), rr.numpy())
+            field = _FieldSample._field(ctx, vec, kk, rr)
             args = (_flat(img).numpy(), *field, go.numpy(), grad_u.reshape(n, -1).numpy(), *img.shape[2:], ctx.border)
             _kernel("field3d_grad_u")(n, go.shape[2], *args)
         if ctx.needs_input_grad[0]:
             grad_img = _buffer(tuple(img.shape), img.dtype, zero=True)
             shape = tuple(int(s) for s in img.shape[2:])
-            field = (vec.reshape(n, -1).numpy(), *ctx.layout, kk.numpy(), rr.numpy())
+            field = _FieldSample._field(ctx, vec, kk, rr)
             _kernels()["field3d_grad_image"](shape, *field, go.numpy(), _flat(grad_img).numpy(), ctx.border)
         return grad_img, grad_u, None, None, None, None
 
@@ -595,12 +601,10 @@ def fast_sample(image: Tensor, coords: Tensor, padding: str = "zeros") -> Tensor
         ``(N, C, D', H', W')``; gradients flow to the image and the coordinates.
     """
     image, coords = expand_batch(image, coords, "image and coordinates")
-    # Normalized to pixel, align_corners=False: r = (n / 2) g + (n - 1) / 2 per axis.
-    size = torch.tensor(image.shape[2:][::-1], dtype=torch.float64)
-    k = torch.zeros(1, 3, 4, dtype=torch.float64)
-    k[0, :, 3] = (size - 1) / 2
-    r = torch.diag(size / 2)[None]
-    return _field_sample(image, coords.to(image.dtype), k, r, padding == "border", False)
+    # Coordinates are u itself: K is the constant part of the normalized-to-pixel map, R its scale.
+    m = normalized_to_index_matrix(tuple(image.shape[2:]))
+    k = torch.cat([torch.zeros(3, 3, dtype=torch.float64), m[:3, 3:]], 1)[None]
+    return _field_sample(image, coords.to(image.dtype), k, m[None, :3, :3], padding == "border", False)
 
 
 def fused_field_warp(image: Tensor, field: Tensor, k: Tensor, r: Tensor, padding: str = "zeros") -> Tensor:

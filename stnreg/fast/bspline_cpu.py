@@ -43,11 +43,11 @@ def _contract_row(coef, b, z, y, tz_idx, tz_w, ty_idx, ty_w, row) -> None:
 
 
 @nb.njit(**INLINE)
-def _row_positions(row, tx_idx, tx_w, kk, rr, y, z, pos) -> None:
+def _row_positions(row, tx_idx, tx_w, kb, rb, y, z, pos) -> None:
     """Pixel positions ``pos[0:3]`` of one output row: ``K [x, y, z, 1] + R disp``."""
-    px = kk[0, 1] * y + kk[0, 2] * z + kk[0, 3]
-    py = kk[1, 1] * y + kk[1, 2] * z + kk[1, 3]
-    pz = kk[2, 1] * y + kk[2, 2] * z + kk[2, 3]
+    px = kb[0][1] * y + kb[0][2] * z + kb[0][3]
+    py = kb[1][1] * y + kb[1][2] * z + kb[1][3]
+    pz = kb[2][1] * y + kb[2][2] * z + kb[2][3]
     for x in range(pos.shape[1]):
         d0 = 0.0
         d1 = 0.0
@@ -58,9 +58,9 @@ def _row_positions(row, tx_idx, tx_w, kk, rr, y, z, pos) -> None:
             d0 += wk * row[0, j]
             d1 += wk * row[1, j]
             d2 += wk * row[2, j]
-        pos[0, x] = px + kk[0, 0] * x + rr[0, 0] * d0 + rr[0, 1] * d1 + rr[0, 2] * d2
-        pos[1, x] = py + kk[1, 0] * x + rr[1, 0] * d0 + rr[1, 1] * d1 + rr[1, 2] * d2
-        pos[2, x] = pz + kk[2, 0] * x + rr[2, 0] * d0 + rr[2, 1] * d1 + rr[2, 2] * d2
+        pos[0, x] = px + kb[0][0] * x + rb[0][0] * d0 + rb[0][1] * d1 + rb[0][2] * d2
+        pos[1, x] = py + kb[1][0] * x + rb[1][0] * d0 + rb[1][1] * d1 + rb[1][2] * d2
+        pos[2, x] = pz + kb[2][0] * x + rb[2][0] * d0 + rb[2][1] * d1 + rb[2][2] * d2
 
 
 @nb.njit(**FAST)
@@ -71,10 +71,10 @@ def _forward_slice(  # pragma: no cover - compiled
     row = np.empty((3, coef.shape[4]))
     buf = row_buffers(ow, img.dtype)
     pos, cell, inside, _ = buf
-    kk, rr = k[b], r[b]
+    kb, rb = matrix_rows(k, b, 4), matrix_rows(r, b, 3)
     for y in range(oh):
         _contract_row(coef, b, z, y, tz_idx, tz_w, ty_idx, ty_w, row)
-        _row_positions(row, tx_idx, tx_w, kk, rr, y, z, pos)
+        _row_positions(row, tx_idx, tx_w, kb, rb, y, z, pos)
         row_cells(pos, d, h, w, cell, inside)
         for c in range(img.shape[1]):
             row_values(img[b, c], d, h, w, border, buf, out[b, c, z, y])
@@ -93,10 +93,10 @@ def _grad_slice(  # pragma: no cover - compiled
     values = np.empty(ow, img.dtype)
     grads = np.empty((3, ow))
     gpos = np.empty((3, ow))
-    kk, rb = k[b], matrix_rows(r, b, 3)
+    kb, rb = matrix_rows(k, b, 4), matrix_rows(r, b, 3)
     for y in range(oh):
         _contract_row(coef, b, z, y, tz_idx, tz_w, ty_idx, ty_w, row)
-        _row_positions(row, tx_idx, tx_w, kk, r[b], y, z, pos)
+        _row_positions(row, tx_idx, tx_w, kb, rb, y, z, pos)
         row_cells(pos, d, h, w, cell, inside)
         # ∂L/∂disp = Rᵀ Σ_c go_c ∇I_c(r)
         row_position_gradients(img[b], gout[b, :, z, y], d, h, w, border, buf, rb, values, grads, gpos)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..coords import Grid, apply_affine, index_to_normalized_matrix
+from ..coords import Grid, apply_affine, index_to_normalized_matrix, normalized_to_index_matrix
 from ..fast import fast_available, fused_field_warp
 from ..sampler import sample
 from .base import ParametricTransform, Transform, _cached_lattice_channels_first, output_lattice
@@ -47,8 +47,7 @@ def _sample_displaced(field: Tensor, vec: Tensor) -> Tensor:
         # In 3D on the CPU the kernels read ``vec`` in place: lattice point i is input pixel i,
         # and a normalized unit is n / 2 pixels along an axis of n voxels.
         k = torch.eye(3, 4, dtype=torch.float64)[None]
-        r = torch.diag(torch.tensor(shape[::-1], dtype=torch.float64) / 2)[None]
-        return fused_field_warp(field, vec, k, r, "border")
+        return fused_field_warp(field, vec, k, normalized_to_index_matrix(shape)[None, :3, :3], "border")
     return sample(field, _lattice_plus(vec).to(field.dtype), "linear", "border")
 
 
