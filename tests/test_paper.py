@@ -375,6 +375,46 @@ def test_projective_views_never_fold_or_mirror():
     assert max(blobs) == 1
 
 
+def test_projective_maps_move_the_corners_as_specified_and_invert():
+    from stnreg.paper.data import projective_maps, warp_projective
+
+    n = 4000
+    h = projective_maps(n, torch.Generator().manual_seed(0))
+    corners = torch.tensor([[-14.0, -14.0, 1.0], [14.0, -14.0, 1.0], [14.0, 14.0, 1.0], [-14.0, 14.0, 1.0]])
+    inv = torch.linalg.inv(h)
+    moved = torch.einsum("nij,kj->nki", inv, corners.double())
+    moved = moved[..., :2] / moved[..., 2:]  # where the digit's corners land on the canvas
+    # Scale U(0.75, 1.0) (mean 0.875 x 14 px) and N(0, 5 px) per corner coordinate: the spread is
+    # sqrt(5^2 + (14 x 0.25)^2 / 12) = 5.1 px, a little less after redrawing folded quadrilaterals.
+    assert abs(float((moved * corners[:, :2].sign()).mean()) - 0.875 * 14) < 0.3
+    spread = (moved - moved.mean(0)).std(0)
+    assert ((spread > 4.5) & (spread < 5.5)).all()
+    # The digit lies on the visible side of every map (w > 0 at its corners, not only mostly).
+    assert (torch.einsum("nij,nkj->nki", h, torch.cat([moved, torch.ones(n, 4, 1)], -1))[..., 2] > 0).all()
+    # out(p) = in(h(p)): a linear ramp per axis, which bilinear sampling reproduces exactly, reads
+    # back the mapped point wherever it falls inside the input's pixel centres.
+    yy, xx = torch.meshgrid(torch.arange(28.0) - 13.5, torch.arange(28.0) - 13.5, indexing="ij")
+    ramps = torch.stack([xx + 100, yy + 100])[None].expand(64, 2, 28, 28)
+    out = warp_projective(ramps, h[:64]).double()
+    hom = torch.stack([xx, yy, torch.ones_like(xx)], -1).double()
+    mapped = torch.einsum("nij,hwj->nhwi", h[:64], hom)
+    pts = mapped[..., :2] / mapped[..., 2:]
+    inside = (pts.abs() < 13.4).all(-1) & (mapped[..., 2] > 0)
+    assert inside.float().mean() > 0.3
+    err = (out.permute(0, 2, 3, 1) - (pts + 100))[inside].abs()
+    assert float(err.max()) < 1e-3
+
+
+def test_cnn_hidden_layers_keep_the_default_layout():
+    plain = STClassifier("cnn", (2, 42, 42), 19)
+    keys = ["0.0.weight", "0.0.bias", "0.3.weight", "0.3.bias", "3.weight", "3.bias"]
+    assert list(plain.classifier.state_dict()) == keys
+    deep = STClassifier("cnn", (2, 42, 42), 19, cnn_hidden=[64])
+    linear = [m for m in deep.classifier if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linear] == [(32 * 11 * 11, 64), (64, 19)]
+    assert deep(torch.rand(3, 2, 42, 42)).shape == (3, 19)
+
+
 def _write_digit_struct(folder, samples):
     """A MATLAB v7.3 digitStruct.mat as SVHN ships it (HDF5 with object references)."""
     import h5py

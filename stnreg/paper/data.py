@@ -36,7 +36,7 @@ from ..coords import lattice
 from ..sampler import sample
 from ..transforms.tps import ThinPlateSpline, uniform_control_points
 
-__all__ = ["EXPERIMENTS", "Variant", "load_mnist", "make_variant", "read_idx"]
+__all__ = ["EXPERIMENTS", "Variant", "load_mnist", "make_variant", "projective_maps", "read_idx", "warp_projective"]
 
 EXPERIMENTS = ("R", "RTS", "P", "E", "TC", "addition", "coloc-T", "coloc-TC")
 _IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -167,8 +167,14 @@ def _convex(quad: Tensor) -> Tensor:
     return (edge[..., 0] * nxt[..., 1] - edge[..., 1] * nxt[..., 0] > 0).all(1)
 
 
-def _projective(digits: Tensor, g: torch.Generator) -> Tensor:
-    n = digits.shape[0]
+def projective_maps(n: int, g: torch.Generator) -> Tensor:
+    """The ``P`` variant's random homographies, ``(N, 3, 3)`` float64, canvas -> digit.
+
+    They act on homogeneous ``(x, y, 1)`` points in pixels relative to the centre of the 28x28
+    canvas and digit: the digit's frame, scaled by U(0.75, 1.0) about its centre, then each corner
+    moved by N(0, 5 px), is where the digit appears on the canvas. Folded quadrilaterals are drawn
+    again, so every map is a view of a plane, and ``w > 0`` on the digit's side of the horizon.
+    """
     s = _uniform(g, n, 0.75, 1.0)
     corners = torch.tensor([[-14.0, -14.0], [14.0, -14.0], [14.0, 14.0], [-14.0, 14.0]], dtype=torch.float64)
     moved = corners * s[:, None, None] + 5.0 * torch.randn(n, 4, 2, generator=g, dtype=torch.float64)
@@ -178,15 +184,28 @@ def _projective(digits: Tensor, g: torch.Generator) -> Tensor:
         noise = torch.randn(int(bad.sum()), 4, 2, generator=g, dtype=torch.float64)
         moved[bad] = corners * s[bad, None, None] + 5.0 * noise
         bad = ~_convex(moved)
-    h = _homography(moved, corners.expand(n, 4, 2))  # canvas -> digit
-    pts = _canvas_points(28, n)
+    h = _homography(moved, corners.expand(n, 4, 2))
+    # h is fixed up to a factor; the sign that puts the quadrilateral on the visible side (w > 0)
+    # is that of w at its centroid. With h[2, 2] = 1 the canvas centre has w = 1, which is the wrong
+    # side when the horizon runs between it and a quadrilateral pushed off-centre (1 draw in 4000).
+    centroid = torch.cat([moved.mean(1), torch.ones(n, 1, dtype=moved.dtype)], 1)
+    return h * torch.einsum("nj,nj->n", h[:, 2], centroid).sign()[:, None, None]
+
+
+def warp_projective(images: Tensor, h: Tensor) -> Tensor:
+    """``images`` ``(N, C, 28, 28)`` float seen through homographies ``h`` ``(N, 3, 3)`` (output -> input).
+
+    ``h`` maps output pixels to input pixels, both relative to the image centre. Output pixels whose
+    point lies beyond the input plane's horizon (``w <= 0``) are zero.
+    """
+    pts = _canvas_points(28, len(images))
     hom = torch.cat([pts, torch.ones(*pts.shape[:-1], 1, dtype=pts.dtype)], -1)
     mapped = torch.einsum("nij,nhwj->nhwi", h, hom)
     # Canvas points with w <= 0 lie beyond the digit plane's horizon (about 12% of the draws reach
     # into the canvas): they see nothing, rather than a mirrored copy of the digit.
     w = mapped[..., 2:]
     visible = (w > 0).to(torch.float32)[:, None, :, :, 0]
-    return _sample(digits, mapped[..., :2] / torch.where(w > 0, w, 1.0)) * visible
+    return _sample(images, mapped[..., :2] / torch.where(w > 0, w, 1.0)) * visible
 
 
 def _elastic(digits: Tensor, g: torch.Generator) -> Tensor:
@@ -259,7 +278,7 @@ def make_variant(
         elif name == "RTS":
             img = _rts(digits, g, 42, 45.0, (0.7, 1.2))
         elif name == "P":
-            img = _projective(digits, g)
+            img = warp_projective(digits, projective_maps(len(digits), g))
         elif name == "E":
             img = _elastic(digits, g)
         elif name == "addition":

@@ -90,6 +90,8 @@ class STClassifier(nn.Module):
             downsamples by 2 for RTS and TC).
         transformers: parallel transformers (2 for the addition experiment's 2xST-FCN).
         fcn_hidden, cnn_channels, cnn_kernels, dropout: the classifier.
+        cnn_hidden: widths of fully connected ReLU layers between the CNN's conv blocks and its
+            linear output (none by default, as in the paper's Table 1 CNN).
         loc_hidden, loc_channels, loc_kernel, loc_features: the localization network.
         tps_points: control points per axis of ``tps``.
     """
@@ -106,6 +108,7 @@ class STClassifier(nn.Module):
         fcn_hidden: Sequence[int] = (128, 128),
         cnn_channels: Sequence[int] = (32, 32),
         cnn_kernels: Sequence[int] = (9, 7),
+        cnn_hidden: Sequence[int] = (),
         dropout: float = 0.0,
         loc_hidden: Sequence[int] = (32, 32, 32),
         loc_channels: Sequence[int] = (20, 20),
@@ -143,9 +146,10 @@ class STClassifier(nn.Module):
             self.classifier = make_fcn(c * h * w, fcn_hidden, classes, dropout)
         else:
             body = make_cnn(c, cnn_channels, cnn_kernels)
-            self.classifier = nn.Sequential(
-                body, nn.Flatten(), nn.Dropout(dropout), nn.Linear(_flat_size(body, (c, h, w)), classes)
-            )
+            head = make_fcn(_flat_size(body, (c, h, w)), cnn_hidden, classes, dropout)[1:]
+            # Flat layers: without hidden layers the keys stay those of checkpoints saved before
+            # cnn_hidden existed (body, flatten, dropout, linear).
+            self.classifier = nn.Sequential(body, nn.Flatten(), nn.Dropout(dropout), *head)
 
     def transformed(self, x: Tensor) -> Tensor:
         """What the classifier sees: the (pooled) transformer output, or ``x`` for plain models."""

@@ -100,6 +100,7 @@ class ClassificationTask(_Supervised):
         fcn_hidden: list[int] | None = None,
         cnn_channels: list[int] | None = None,
         cnn_kernels: list[int] | None = None,
+        cnn_hidden: list[int] | None = None,
         dropout: float = 0.0,
         loc_hidden: list[int] | None = None,
         loc_channels: list[int] | None = None,
@@ -121,6 +122,7 @@ class ClassificationTask(_Supervised):
                 "fcn_hidden": fcn_hidden,
                 "cnn_channels": cnn_channels,
                 "cnn_kernels": cnn_kernels,
+                "cnn_hidden": cnn_hidden,
                 "loc_hidden": loc_hidden,
                 "loc_channels": loc_channels,
             }.items()
