@@ -3,9 +3,10 @@ co-localization model (attention transformer with a soft-argmax localizer + a fi
 
 Layer sizes follow our reading of the paper's appendix (all are constructor arguments, so configs
 can change them): FCN with two hidden ReLU layers; CNN with two conv + 2x2 max-pool blocks (9x9 and
-7x7 kernels) and a linear classifier; localization networks an FCN of three 32-unit layers
-(ST-FCN) or a two-block 5x5 CNN with 20 filters and a 50-unit layer (ST-CNN); the regression head
-starts at the identity transform. Inputs are ``(N, C, H, W)`` floats scaled to [0, 1].
+7x7 kernels) and a linear classifier (``cnn_hidden`` adds fully connected layers before it);
+localization networks an FCN of three 32-unit layers (ST-FCN) or a two-block 5x5 CNN with 20
+filters and a 50-unit layer (ST-CNN); the regression head starts at the identity transform.
+Inputs are ``(N, C, H, W)`` floats scaled to [0, 1].
 """
 
 from __future__ import annotations
