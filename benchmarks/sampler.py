@@ -8,9 +8,12 @@ bytes. Warp kinds: ``affine`` and ``dense`` (gradients to the image and to the w
 or coordinates), and ``affine-reg`` / ``dense-reg``, the registration case, where only
 the warp's parameters or coordinates need a gradient; ``bspline-reg`` and ``tps-reg`` (3D, the
 latter alone with ``--only tps`` at two mid sizes) are the spline cases of registration, the
-gradient going to the coefficients or control point targets. Ratios are against ``grid_sample`` measured
-in the same run. In 3D, stnreg runs its numba kernels on the CPU and its Triton kernels on CUDA
-(``stnreg.fast``); ``STNREG_FAST=0`` would time the reference path instead.
+gradient going to the coefficients or control point targets. Ratios are against ``grid_sample``
+measured in the same run; for dense warps it is given ready sampling coordinates, while
+``stnreg.warp`` starts from the displacement, so ``grid + u, grid_sample`` times that job done with
+torch (a stored identity grid plus the displacement, as a network's warp layer runs it). In 3D,
+stnreg runs its numba kernels on the CPU and its Triton kernels on CUDA (``stnreg.fast``);
+``STNREG_FAST=0`` would time the reference path instead.
 
     python benchmarks/sampler.py [--threads 1] [--repeats 5] [--device cpu|cuda] [--quick]
                                  [--only warps|bspline|tps|fused|kernels|lncc|mi]
@@ -164,6 +167,13 @@ def methods(kind: str, shape: tuple[int, ...], device: str) -> dict[str, Callabl
             x, g = image(), coords().requires_grad_()
             return (lambda: F.grid_sample(x, g, align_corners=False)), (x, g)
 
+        def gs_flow():
+            # What a network's warp layer runs (VoxelMorph's SpatialTransformer, for one): a stored
+            # identity grid plus the displacement, then grid_sample.
+            x, u = image(), _ddf(shape, device).requires_grad_()
+            grid = stnreg.lattice(tuple(sp), device=device).unsqueeze(0)
+            return (lambda: F.grid_sample(x, grid + torch.movedim(u, 1, -1), align_corners=False)), (x, u)
+
         def sampler():
             x, g = image(), coords().requires_grad_()
             return (lambda: stnreg.sample(x, g)), (x, g)
@@ -184,6 +194,7 @@ def methods(kind: str, shape: tuple[int, ...], device: str) -> dict[str, Callabl
 
         out = {
             "grid_sample": gs,
+            "grid + u, grid_sample": gs_flow,
             "stnreg.sample": sampler,
             "stnreg.warp(Displacement)": ours,
             "monai.Warp": monai_,
