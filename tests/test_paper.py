@@ -403,6 +403,10 @@ def test_projective_maps_move_the_corners_as_specified_and_invert():
     assert inside.float().mean() > 0.3
     err = (out.permute(0, 2, 3, 1) - (pts + 100))[inside].abs()
     assert float(err.max()) < 1e-3
+    with pytest.raises(ValueError, match="28, 28"):
+        warp_projective(torch.zeros(2, 1, 42, 42), h[:2])
+    with pytest.raises(ValueError, match="one"):
+        warp_projective(torch.zeros(2, 1, 28, 28), h[:3])
 
 
 def test_cnn_hidden_layers_keep_the_default_layout():

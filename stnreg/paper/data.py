@@ -198,6 +198,10 @@ def warp_projective(images: Tensor, h: Tensor) -> Tensor:
     ``h`` maps output pixels to input pixels, both relative to the image centre. Output pixels whose
     point lies beyond the input plane's horizon (``w <= 0``) are zero.
     """
+    if images.dim() != 4 or tuple(images.shape[2:]) != (28, 28):
+        raise ValueError(f"need images of shape (N, C, 28, 28), got {tuple(images.shape)}")
+    if tuple(h.shape) != (len(images), 3, 3):
+        raise ValueError(f"need one (3, 3) homography per image, ({len(images)}, 3, 3), got {tuple(h.shape)}")
     pts = _canvas_points(28, len(images))
     hom = torch.cat([pts, torch.ones(*pts.shape[:-1], 1, dtype=pts.dtype)], -1)
     mapped = torch.einsum("nij,nhwj->nhwi", h, hom)
