@@ -30,6 +30,7 @@ import torch
 import yaml
 from torch.utils.data import TensorDataset
 
+from stnreg.coords import lattice
 from stnreg.learn.data import resolve_data_path
 from stnreg.paper import ClassificationTask, MNISTVariants, load_mnist
 from stnreg.paper.data import projective_maps, warp_projective
@@ -59,9 +60,9 @@ def rectified(images: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
 
 def ink_lost(digits: np.ndarray, h: torch.Tensor) -> torch.Tensor:
     """Share of each digit's ink ``(N,)`` whose pixel centre falls off the canvas (or past the horizon)."""
-    c = torch.arange(28, dtype=torch.float64) - 13.5
-    yy, xx = torch.meshgrid(c, c, indexing="ij")
-    m = torch.einsum("nij,hwj->nhwi", torch.linalg.inv(h), torch.stack([xx, yy, torch.ones_like(xx)], -1))
+    pts = lattice((28, 28), "index", torch.float64) - 13.5  # pixel centres about the digit's centre
+    hom = torch.cat([pts, torch.ones(28, 28, 1, dtype=torch.float64)], -1)
+    m = torch.einsum("nij,hwj->nhwi", torch.linalg.inv(h), hom)
     inside = ((m[..., :2] / m[..., 2:]).abs() < 14).all(-1) & (m[..., 2] > 0)
     ink = torch.as_tensor(digits).double()
     return 1 - (ink * inside).sum((1, 2)) / ink.sum((1, 2))

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ._checks import check_image
-from .coords import Grid
+from .coords import Grid, normalized_to_index_matrix
 from .fast import (
     fast_available,
     fused_affine_warp,
@@ -111,12 +111,7 @@ def _innermost_and_pixel_map(
         head = transform._head_matrix()
         if head is None or head.requires_grad:
             return None
-    d, h, w = image.shape[2:]
-    # Normalized to pixel coordinates, align_corners=False: r = (n g + n - 1) / 2 per axis.
-    m = torch.tensor(
-        [[w / 2, 0, 0, (w - 1) / 2], [0, h / 2, 0, (h - 1) / 2], [0, 0, d / 2, (d - 1) / 2], [0, 0, 0, 1]],
-        dtype=torch.float64,
-    )
+    m = normalized_to_index_matrix(tuple(image.shape[2:]))
     if source is not None:
         m = m @ source.world_to_normalized()
     if head is not None:
