@@ -409,6 +409,40 @@ def test_projective_maps_move_the_corners_as_specified_and_invert():
         warp_projective(torch.zeros(2, 1, 28, 28), h[:3])
 
 
+def test_projective_corner_std_sets_the_spread_and_reaches_the_data_module():
+    from stnreg.paper.data import projective_maps
+
+    corners = torch.tensor([[-14.0, -14.0, 1.0], [14.0, -14.0, 1.0], [14.0, 14.0, 1.0], [-14.0, 14.0, 1.0]])
+    # No corner noise leaves the scale alone: canvas -> digit is p / s with s in U(0.75, 1.0).
+    h = projective_maps(500, torch.Generator().manual_seed(1), 0.0)
+    h = h / h[:, 2:, 2:]
+    inv_s = h[:, 0, 0]
+    assert torch.allclose(h, torch.diag_embed(torch.stack([inv_s, inv_s, torch.ones_like(inv_s)], -1)), atol=1e-9)
+    assert float(inv_s.min()) >= 1.0 and float(inv_s.max()) <= 1 / 0.75
+    moved = torch.einsum(
+        "nij,kj->nki", torch.linalg.inv(projective_maps(4000, torch.Generator().manual_seed(0), 2.0)), corners.double()
+    )
+    spread = (moved[..., :2] / moved[..., 2:]).std(0)
+    # sqrt(2^2 + 3.5^2 / 12) = 2.2 px; folded quadrilaterals are rare at this spread.
+    assert ((spread > 2.0) & (spread < 2.4)).all()
+    with pytest.raises(ValueError, match="corner_std"):
+        projective_maps(2, torch.Generator(), -1.0)
+    x = np.zeros((20, 28, 28), np.uint8)
+    x[:, 10:18, 12:16] = 255
+    y = np.arange(20) % 10
+    mild, harsh = (make_variant("P", x, y, seed=3, p_corner_std=v).images.float() for v in (0.5, 5.0))
+    assert torch.equal(make_variant("P", x, y, seed=3).images.float(), harsh)
+    from_module = MNISTVariants(experiment="P", p_corner_std=0.5)._make((x, y), 3).tensors[0]
+    assert torch.equal(from_module.float(), mild)
+    # The bar stays near the centre under mild corner noise, and moves about under the issue's.
+    centre = torch.arange(28.0) - 13.5
+
+    def centroid_x(img: torch.Tensor) -> torch.Tensor:
+        return (img[:, 0].sum(1) * centre).sum(1) / img[:, 0].sum((1, 2))
+
+    assert float(centroid_x(mild).std()) < float(centroid_x(harsh).std()) / 3
+
+
 def test_cnn_hidden_layers_keep_the_default_layout():
     plain = STClassifier("cnn", (2, 42, 42), 19)
     keys = ["0.0.weight", "0.0.bias", "0.3.weight", "0.3.bias", "3.weight", "3.bias"]

@@ -167,22 +167,25 @@ def _convex(quad: Tensor) -> Tensor:
     return (edge[..., 0] * nxt[..., 1] - edge[..., 1] * nxt[..., 0] > 0).all(1)
 
 
-def projective_maps(n: int, g: torch.Generator) -> Tensor:
+def projective_maps(n: int, g: torch.Generator, corner_std: float = 5.0) -> Tensor:
     """The ``P`` variant's random homographies, ``(N, 3, 3)`` float64, canvas -> digit.
 
     They act on homogeneous ``(x, y, 1)`` points in pixels relative to the centre of the 28x28
     canvas and digit: the digit's frame, scaled by U(0.75, 1.0) about its centre, then each corner
-    moved by N(0, 5 px), is where the digit appears on the canvas. Folded quadrilaterals are drawn
-    again, so every map is a view of a plane, and ``w > 0`` on the digit's side of the horizon.
+    moved by N(0, ``corner_std`` px) (the issue's 5 px by default), is where the digit appears on
+    the canvas. Folded quadrilaterals are drawn again, so every map is a view of a plane, and
+    ``w > 0`` on the digit's side of the horizon.
     """
+    if not (math.isfinite(corner_std) and corner_std >= 0):
+        raise ValueError(f"corner_std must be a finite number of pixels >= 0, got {corner_std}")
     s = _uniform(g, n, 0.75, 1.0)
     corners = torch.tensor([[-14.0, -14.0], [14.0, -14.0], [14.0, 14.0], [-14.0, 14.0]], dtype=torch.float64)
-    moved = corners * s[:, None, None] + 5.0 * torch.randn(n, 4, 2, generator=g, dtype=torch.float64)
+    moved = corners * s[:, None, None] + corner_std * torch.randn(n, 4, 2, generator=g, dtype=torch.float64)
     # A folded quadrilateral (about 1% of draws) is no view of a plane: draw its corners again.
     bad = ~_convex(moved)
     while bad.any():
         noise = torch.randn(int(bad.sum()), 4, 2, generator=g, dtype=torch.float64)
-        moved[bad] = corners * s[bad, None, None] + 5.0 * noise
+        moved[bad] = corners * s[bad, None, None] + corner_std * noise
         bad = ~_convex(moved)
     h = _homography(moved, corners.expand(n, 4, 2))
     # h is fixed up to a factor; the sign that puts the quadrilateral on the visible side (w > 0)
@@ -255,12 +258,18 @@ def _translated(digits: Tensor, g: torch.Generator, size: int) -> tuple[Tensor, 
 
 
 def make_variant(
-    name: str, images: np.ndarray | Tensor, labels: np.ndarray | Tensor, seed: int, chunk: int = 10_000
+    name: str,
+    images: np.ndarray | Tensor,
+    labels: np.ndarray | Tensor,
+    seed: int,
+    chunk: int = 10_000,
+    p_corner_std: float = 5.0,
 ) -> Variant:
     """Generate variant ``name`` of every digit in ``images`` ``(N, 28, 28)`` uint8.
 
     Deterministic: the same seed (and chunk size) gives the same bytes. Clutter and the second
     digit of ``addition`` come from the same ``images`` (other, randomly chosen digits).
+    ``p_corner_std`` is the ``P`` variant's corner displacement in pixels (see :func:`projective_maps`).
     """
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; choose from {', '.join(EXPERIMENTS)}")
@@ -282,7 +291,7 @@ def make_variant(
         elif name == "RTS":
             img = _rts(digits, g, 42, 45.0, (0.7, 1.2))
         elif name == "P":
-            img = warp_projective(digits, projective_maps(len(digits), g))
+            img = warp_projective(digits, projective_maps(len(digits), g, p_corner_std))
         elif name == "E":
             img = _elastic(digits, g)
         elif name == "addition":

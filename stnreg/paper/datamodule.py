@@ -58,6 +58,8 @@ class MNISTVariants(L.LightningDataModule):
             on addition the test error stays at chance). The generation is vectorized and runs in
             the main process (2-4 s per 60k digits), so ``num_workers`` applies to the test set only.
             The batches are not split across processes: under DDP use ``fresh=False``.
+        p_corner_std: the ``P`` experiment's corner displacement, N(0, this) pixels; the issue's
+            (and default) 5 px is harsher than the paper's data (``benchmarks/results/paper.md``).
     """
 
     def __init__(
@@ -71,6 +73,7 @@ class MNISTVariants(L.LightningDataModule):
         batch_size: int = 256,
         num_workers: int = 0,
         fresh: bool = True,
+        p_corner_std: float = 5.0,
     ) -> None:
         super().__init__()
         if experiment not in EXPERIMENTS:
@@ -87,7 +90,7 @@ class MNISTVariants(L.LightningDataModule):
         return (x[:size], y[:size]) if size is not None else (x, y)
 
     def _make(self, digits: tuple[np.ndarray, np.ndarray], seed: int) -> TensorDataset:
-        v = make_variant(self.hparams.experiment, *digits, seed)
+        v = make_variant(self.hparams.experiment, *digits, seed, p_corner_std=self.hparams.p_corner_std)
         return TensorDataset(*([v.images, v.labels] + ([v.boxes] if v.boxes is not None else [])))
 
     def draw_train(self, epoch: int) -> TensorDataset:
