@@ -37,6 +37,7 @@ from stnreg.coords import lattice
 from stnreg.learn.data import resolve_data_path
 from stnreg.paper import ClassificationTask, MNISTVariants, load_mnist
 from stnreg.paper.data import projective_maps, warp_projective
+from stnreg.paper.figures import transformer_figure
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -123,6 +124,13 @@ def run(model: str, mode: str, corner_std: float, args: argparse.Namespace) -> d
     trainer.fit(task, dm)
     seconds = time.perf_counter() - t
     error = float(trainer.validate(task, dm, verbose=False)[0]["val/error"])
+    if task.model.transformer is not None:
+        transformer_figure(
+            task.model,
+            dm.test_set.tensors[0][:10],
+            RESULTS / "paper" / f"P-{corner_std:g}px-{model}.png",
+            f"P, corners moved by N(0, {corner_std:g} px), {model}: inputs and transformer outputs",
+        )
     return {"error": error, "seconds": seconds, "train_digits": len(dm.train_set), "batch": dm.hparams.batch_size}
 
 
