@@ -427,6 +427,10 @@ def test_projective_corner_std_sets_the_spread_and_reaches_the_data_module():
     assert ((spread > 2.0) & (spread < 2.4)).all()
     with pytest.raises(ValueError, match="corner_std"):
         projective_maps(2, torch.Generator(), -1.0)
+    with pytest.raises(ValueError, match="p_corner_std must be a finite"):
+        MNISTVariants(experiment="P", p_corner_std=float("nan"))
+    with pytest.raises(ValueError, match="P experiment only"):
+        MNISTVariants(experiment="RTS", p_corner_std=3.5)
     x = np.zeros((20, 28, 28), np.uint8)
     x[:, 10:18, 12:16] = 255
     y = np.arange(20) % 10

@@ -257,6 +257,16 @@ def _translated(digits: Tensor, g: torch.Generator, size: int) -> tuple[Tensor, 
     return canvas, boxes
 
 
+def check_variant_options(name: str, p_corner_std: float) -> None:
+    """Raise on an unknown variant ``name`` or a ``p_corner_std`` that is invalid or set for another variant."""
+    if name not in EXPERIMENTS:
+        raise ValueError(f"unknown experiment {name!r}; choose from {', '.join(EXPERIMENTS)}")
+    if not (math.isfinite(p_corner_std) and p_corner_std >= 0):
+        raise ValueError(f"p_corner_std must be a finite number of pixels >= 0, got {p_corner_std}")
+    if name != "P" and p_corner_std != 5.0:
+        raise ValueError(f"p_corner_std applies to the P experiment only, got {p_corner_std} for {name!r}")
+
+
 def make_variant(
     name: str,
     images: np.ndarray | Tensor,
@@ -271,8 +281,7 @@ def make_variant(
     digit of ``addition`` come from the same ``images`` (other, randomly chosen digits).
     ``p_corner_std`` is the ``P`` variant's corner displacement in pixels (see :func:`projective_maps`).
     """
-    if name not in EXPERIMENTS:
-        raise ValueError(f"unknown experiment {name!r}; choose from {', '.join(EXPERIMENTS)}")
+    check_variant_options(name, p_corner_std)
     x = torch.as_tensor(np.asarray(images))
     y = torch.as_tensor(np.asarray(labels)).long()
     if x.dim() != 3 or tuple(x.shape[1:]) != (28, 28) or len(x) != len(y):
