@@ -3,7 +3,8 @@
 A perfect projective transformer undoes the distortion exactly: its classifier then sees the digit
 through the true inverse homography, minus whatever the distortion pushed off the 28x28 canvas or
 blurred. That is a reference, not a strict bound: a learned transformer may also zoom in (at 3.5 px
-the ST-CNNs beat it). This script trains the paper's models (``configs/paper/distorted_p.yaml``), same budget for every row, on:
+the ST-CNNs beat it). This script trains the paper's models (``configs/paper/distorted_p.yaml``),
+same budget for every row, on:
 
 - ``clean``: undistorted MNIST (the CNN's own floor in this budget);
 - ``P rectified``: each P image (as :func:`stnreg.paper.data.make_variant` makes it, uint8) warped
