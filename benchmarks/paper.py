@@ -217,8 +217,8 @@ def render(store: dict) -> str:
                 f"plain CNN errs {perfect['error']:.2f}%, against {clean['error']:.2f}% on undistorted digits in "
                 f"the same budget ({clean['epochs']} epochs): ink pushed off the canvas and foreshortened strokes "
                 "are lost to any model. That reference is no strict bound (an ST-CNN can also zoom in), but it puts "
-                "the ST-CNN target of the paper's 0.8 + 0.3 out of this generator's reach (`paper-p-floor.md`, "
-                "`benchmarks/paper_p_floor.py`)."
+                "the ST-CNN target of the paper's 0.8 + 0.3 out of this generator's reach in practice "
+                "(`paper-p-floor.md`, `benchmarks/paper_p_floor.py`)."
             )
         lines += _milder_p(floor, store)
     for exp, title in (("TC", "Translated cluttered MNIST (TC)"), ("addition", "MNIST addition")):
