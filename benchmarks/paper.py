@@ -91,7 +91,7 @@ def model_args(row: str) -> dict:
     return {"architecture": arch, "transform": TRANSFORMS[t], "transformers": k}
 
 
-def _trainer(epochs: int, log_dir: Path) -> L.Trainer:
+def make_trainer(epochs: int, log_dir: Path) -> L.Trainer:
     return L.Trainer(
         accelerator="cpu",
         max_epochs=epochs,
@@ -112,7 +112,7 @@ def run_classification(exp: str, row: str, args: argparse.Namespace) -> dict:
         data_args["data"] = str(args.data)
     dm = MNISTVariants(**data_args)
     dm.setup()
-    trainer = _trainer(args.epochs, ROOT / "runs" / "paper-benchmark" / exp / row)
+    trainer = make_trainer(args.epochs, ROOT / "runs" / "paper-benchmark" / exp / row)
     t = time.perf_counter()
     trainer.fit(task, dm)
     seconds = time.perf_counter() - t
@@ -142,7 +142,7 @@ def run_colocalization(exp: str, args: argparse.Namespace) -> dict:
             data_args["data"] = str(args.data)
         dm = MNISTVariants(**data_args)
         dm.setup()
-        trainer = _trainer(args.epochs, ROOT / "runs" / "paper-benchmark" / exp / f"digit{d}")
+        trainer = make_trainer(args.epochs, ROOT / "runs" / "paper-benchmark" / exp / f"digit{d}")
         t = time.perf_counter()
         trainer.fit(task, dm)
         seconds += time.perf_counter() - t

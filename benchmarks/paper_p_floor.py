@@ -33,25 +33,19 @@ import lightning as L
 import numpy as np
 import torch
 import yaml
+
+# Run as a script, benchmarks/ is on the path: the rows, paper numbers and trainer are paper.py's.
+from paper import PAPER, RESULTS, ROOT, make_trainer, model_args
 from torch.utils.data import TensorDataset
 
 from stnreg.coords import lattice
 from stnreg.learn.data import resolve_data_path
 from stnreg.paper import ClassificationTask, MNISTVariants, load_mnist
-from stnreg.paper.data import projective_maps, warp_projective
+from stnreg.paper.data import P_CORNER_STD, projective_maps, warp_projective
 from stnreg.paper.figures import transformer_figure
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 MODES = ("clean", "P rectified", "P")
-MODELS = {
-    "cnn": {"architecture": "cnn"},
-    "st-cnn-aff": {"architecture": "st-cnn", "transform": "affine"},
-    "st-cnn-proj": {"architecture": "st-cnn", "transform": "projective"},
-    "st-cnn-tps": {"architecture": "st-cnn", "transform": "tps"},
-}
-PAPER_P = {"cnn": 1.5, "st-cnn-aff": 0.8, "st-cnn-proj": 0.8, "st-cnn-tps": 0.8}
-ISSUE_STD = 5.0
+ROWS = ("cnn", "st-cnn-aff", "st-cnn-proj", "st-cnn-tps")
 
 
 def distorted(digits: np.ndarray, seed: int, corner_std: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,7 +97,7 @@ def row_key(model: str, mode: str, corner_std: float) -> str:
 def run(model: str, mode: str, corner_std: float, args: argparse.Namespace) -> dict:
     cfg = yaml.safe_load((ROOT / "configs" / "paper" / "distorted_p.yaml").read_text())
     L.seed_everything(args.seed)
-    task = ClassificationTask(**(cfg["model"]["init_args"] | MODELS[model]))
+    task = ClassificationTask(**(cfg["model"]["init_args"] | model_args(model)))
     data_args = cfg["data"]["init_args"] | {
         "seed": args.seed,
         "train_size": args.train_size,
@@ -113,15 +107,8 @@ def run(model: str, mode: str, corner_std: float, args: argparse.Namespace) -> d
         data_args["data"] = str(args.data)
     dm = Variants(mode, **data_args)
     dm.setup()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=args.epochs,
-        logger=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-        check_val_every_n_epoch=args.epochs,
-        enable_model_summary=False,
-    )
+    log_dir = row_key(model, mode, corner_std).replace("|", "_").replace(" ", "-")
+    trainer = make_trainer(args.epochs, ROOT / "runs" / "paper-p-floor" / log_dir)
     t = time.perf_counter()
     trainer.fit(task, dm)
     seconds = time.perf_counter() - t
@@ -138,7 +125,7 @@ def run(model: str, mode: str, corner_std: float, args: argparse.Namespace) -> d
 
 def _std_order(key: str) -> tuple[int, float, int, int]:
     model, mode, std = key.split("|")
-    return (0 if not std else 1, -float(std or 0), MODES.index(mode), list(MODELS).index(model))
+    return (0 if not std else 1, -float(std or 0), MODES.index(mode), ROWS.index(model))
 
 
 def render(store: dict) -> str:
@@ -150,7 +137,7 @@ def render(store: dict) -> str:
         "with the same budget on undistorted digits (`clean`), on P digits warped back through their own true "
         "homography (`P rectified`: what an ST-CNN with a perfect transformer passes to its classifier; a "
         "reference, not a strict bound, since a learned transformer may also zoom in), and on the P digits as "
-        f"given. P moves each corner by N(0, σ px); the issue specifies σ = {ISSUE_STD:g}. Test "
+        f"given. P moves each corner by N(0, σ px); the issue specifies σ = {P_CORNER_STD:g}. Test "
         "error in %, MNIST's 10k test digits (P drawn with seed + 1, as in `paper.md`); paper: the paper's P "
         "column.",
         "",
@@ -160,7 +147,7 @@ def render(store: dict) -> str:
     for key in sorted(rows, key=_std_order):
         model, mode, std = key.split("|")
         r = rows[key]
-        paper = PAPER_P[model] if mode == "P" else ""
+        paper = PAPER[("P", model)] if mode == "P" else ""
         lines.append(
             f"| {model} | {mode} | {std or '—'} | **{r['error']:.2f}** | {paper} | {r['epochs']} | "
             f"{r['train_digits']} | {r['seconds']:.0f} | {r['threads']} |"
@@ -190,8 +177,8 @@ def _update(section: str, key: str, value: dict) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mode", default=",".join(MODES), help=f"comma-separated: {', '.join(MODES)}")
-    ap.add_argument("--model", default="cnn", help=f"comma-separated: {', '.join(MODELS)} (ST-CNNs: mode P only)")
-    ap.add_argument("--corner-std", default=f"{ISSUE_STD:g}", help="comma-separated corner displacements (px)")
+    ap.add_argument("--model", default="cnn", help=f"comma-separated: {', '.join(ROWS)} (ST-CNNs: mode P only)")
+    ap.add_argument("--corner-std", default=f"{P_CORNER_STD:g}", help="comma-separated corner displacements (px)")
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--train-size", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
@@ -204,8 +191,8 @@ def main() -> None:
         if mode not in MODES:
             raise SystemExit(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
     for model in models:
-        if model not in MODELS:
-            raise SystemExit(f"unknown model {model!r}; choose from {', '.join(MODELS)}")
+        if model not in ROWS:
+            raise SystemExit(f"unknown model {model!r}; choose from {', '.join(ROWS)}")
         if model != "cnn" and modes != ["P"]:
             raise SystemExit(f"{model} runs on --mode P only (a transformer has nothing to undo on the others)")
     if args.data is None:
@@ -220,7 +207,7 @@ def main() -> None:
     for key in dict.fromkeys(row_key(m, mode, std) for m in models for mode in modes for std in stds):
         model, mode, std = key.split("|")
         print(f"== {key}: {args.epochs} epochs", flush=True)
-        rec = run(model, mode, float(std or ISSUE_STD), args)
+        rec = run(model, mode, float(std or P_CORNER_STD), args)
         rec |= {"epochs": args.epochs, "threads": args.threads, "torch": torch.__version__}
         print(f"   {rec}", flush=True)
         store = _update("rows", key, rec)

@@ -11,7 +11,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from ..learn.data import resolve_data_path
-from .data import check_variant_options, load_mnist, make_variant
+from .data import P_CORNER_STD, check_variant_options, load_mnist, make_variant
 
 __all__ = ["CUBData", "MNISTVariants", "SVHNData"]
 
@@ -74,7 +74,7 @@ class MNISTVariants(L.LightningDataModule):
         batch_size: int = 256,
         num_workers: int = 0,
         fresh: bool = True,
-        p_corner_std: float = 5.0,
+        p_corner_std: float = P_CORNER_STD,
     ) -> None:
         super().__init__()
         check_variant_options(experiment, p_corner_std)
