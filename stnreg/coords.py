@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -214,29 +215,47 @@ class Grid:
     def ndim(self) -> int:
         return len(self.shape)
 
-    def index_to_world(self, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None) -> Tensor:
-        """Homogeneous ``(d+1, d+1)`` map from index to world (mm)."""
+    # The four maps below are fixed by the grid's fields; a registration asks for them every
+    # iteration, so each is computed once (float64, CPU) and handed out as a copy.
+    @cached_property
+    def _index_to_world(self) -> Tensor:
         d = self.ndim
         m = torch.eye(d + 1, dtype=torch.float64)
         m[:d, :d] = torch.tensor(self.direction, dtype=torch.float64) * torch.tensor(self.spacing, dtype=torch.float64)
         m[:d, d] = torch.tensor(self.origin, dtype=torch.float64)
-        return m.to(dtype=dtype, device=device)
+        return m
+
+    @cached_property
+    def _world_to_index(self) -> Tensor:
+        return torch.linalg.inv(self._index_to_world)
+
+    def index_to_world(self, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None) -> Tensor:
+        """Homogeneous ``(d+1, d+1)`` map from index to world (mm)."""
+        return self._index_to_world.to(dtype=dtype, device=device, copy=True)
 
     def world_to_index(self, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None) -> Tensor:
         """Homogeneous map from world (mm) to index."""
-        return torch.linalg.inv(self.index_to_world()).to(dtype=dtype, device=device)
+        return self._world_to_index.to(dtype=dtype, device=device, copy=True)
+
+    @cached_property
+    def _normalized_to_world(self) -> Tensor:
+        return self._index_to_world @ normalized_to_index_matrix(self.shape)
+
+    @cached_property
+    def _world_to_normalized(self) -> Tensor:
+        return index_to_normalized_matrix(self.shape) @ self._world_to_index
 
     def normalized_to_world(
         self, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None
     ) -> Tensor:
         """Homogeneous map from this grid's normalized coordinates to world (mm)."""
-        return (self.index_to_world() @ normalized_to_index_matrix(self.shape)).to(dtype=dtype, device=device)
+        return self._normalized_to_world.to(dtype=dtype, device=device, copy=True)
 
     def world_to_normalized(
         self, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None
     ) -> Tensor:
         """Homogeneous map from world (mm) to this grid's normalized coordinates (the sampler's input)."""
-        return (index_to_normalized_matrix(self.shape) @ self.world_to_index()).to(dtype=dtype, device=device)
+        return self._world_to_normalized.to(dtype=dtype, device=device, copy=True)
 
     def points(
         self, space: str = "world", dtype: torch.dtype = torch.float32, device: torch.device | str | None = None

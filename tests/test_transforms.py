@@ -273,6 +273,30 @@ def test_rotation_conventions():
     torch.testing.assert_close(tr(torch.zeros(1, 1, 3)), torch.tensor([[[1.0, 2.0, 3.0]]]))
 
 
+def test_centre_is_honoured_after_load_state_dict_and_with_params():
+    params = torch.tensor([[[1.1, 0.1, 0.0, 2.0], [0.0, 0.9, 0.2, -1.0], [0.1, 0.0, 1.2, 0.5]]])
+    c = torch.tensor([10.0, -20.0, 30.0])
+    centred = Affine(3, center=c.tolist())
+    with torch.no_grad():
+        centred.params.copy_(params)
+    # x -> L (x - c) + c + t, at a point and at the centre itself.
+    x = torch.tensor([[[1.0, 2.0, 3.0]]])
+    lin, t = params[0, :, :3], params[0, :, 3]
+    torch.testing.assert_close(centred(x)[0, 0], lin @ (x[0, 0] - c) + c + t)
+    torch.testing.assert_close(centred(c[None, None])[0, 0], c + t)
+    # A transform built without a centre takes the saved one with the state (it used to keep its own).
+    restored = Affine(3)
+    restored.load_state_dict(centred.state_dict())
+    torch.testing.assert_close(restored.matrix(), centred.matrix())
+    torch.testing.assert_close(restored.with_params(params).matrix(), centred.matrix())
+    # And the other way round: a zero centre loaded into a centred transform.
+    plain = Affine(3, params=params)
+    centred.load_state_dict(Affine(3).state_dict())
+    torch.testing.assert_close(centred.with_params(params).matrix(), plain.matrix())
+    # The derived constants are not part of the state.
+    assert set(restored.state_dict()) == {"params", "center"}
+
+
 def test_batches_and_flat_params():
     theta = torch.tensor([[1.0, 0, 0.1, 0, 1.0, 0.0], [0.5, 0, 0, 0, 0.5, 0]])
     t = Affine(2).with_params(theta)

@@ -25,13 +25,14 @@ A rotation vector ``w`` rotates by ``|w|`` radians about ``w / |w|`` (``R = exp(
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..coords import Grid, apply_affine, normalized_to_index_matrix
-from .base import Composite, ParametricTransform, Transform, index_to_domain
+from ..coords import Grid, apply_affine
+from .base import Composite, ParametricTransform, Transform
 
 __all__ = [
     "Affine",
@@ -58,13 +59,37 @@ def rotation_matrix(rot: Tensor, ndim: int) -> Tensor:
     return torch.linalg.matrix_exp(skew)
 
 
+@lru_cache(maxsize=32)
+def _bottom_row(d: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``[0, ..., 0, 1]`` as a ``(1, 1, d+1)`` constant (read only)."""
+    return torch.eye(d + 1, dtype=dtype, device=device)[d:].unsqueeze(0)
+
+
+def _with_bottom_row(top: Tensor) -> Tensor:
+    """``(N, d, d+1)`` -> homogeneous ``(N, d+1, d+1)`` with last row ``[0, ..., 0, 1]``.
+
+    One ``cat`` instead of index assignments into a zero matrix: a warp call builds this matrix every
+    time, and each assignment is an op on the host (and a launch on a GPU), forward and backward.
+    """
+    n, d = top.shape[0], top.shape[1]
+    return torch.cat([top, _bottom_row(d, top.dtype, top.device).expand(n, 1, d + 1)], 1)
+
+
 def _homogeneous(linear: Tensor, translation: Tensor) -> Tensor:
-    n, d = translation.shape
-    m = torch.zeros(n, d + 1, d + 1, dtype=linear.dtype, device=linear.device)
-    m[:, :d, :d] = linear
-    m[:, :d, d] = translation
-    m[:, d, d] = 1.0
-    return m
+    return _with_bottom_row(torch.cat([linear, translation.unsqueeze(-1)], -1))
+
+
+@lru_cache(maxsize=64)
+def _centering(center: tuple[float, ...]) -> tuple[Tensor, Tensor]:
+    """``[I | -c]`` ``(d+1, d+1)`` and ``[0 | c]`` ``(d, d+1)``, float64 on the CPU, for a centre ``c``
+    (cached: every iteration of a registration builds transforms about the same centre)."""
+    d = len(center)
+    c = torch.tensor(center, dtype=torch.float64)
+    uncenter = torch.eye(d + 1, dtype=torch.float64)
+    uncenter[:d, d] = -c
+    recenter = torch.zeros(d, d + 1, dtype=torch.float64)
+    recenter[:, d] = c
+    return uncenter, recenter
 
 
 class MatrixTransform(ParametricTransform):
@@ -83,9 +108,28 @@ class MatrixTransform(ParametricTransform):
         c = torch.zeros(ndim, dtype=torch.float64) if center is None else torch.as_tensor(center).double()
         if c.shape != (ndim,):
             raise ValueError(f"center must have {ndim} components, got shape {tuple(c.shape)}")
+        if isinstance(params, Tensor):
+            # Beside the parameters, so that building the matrix copies nothing between devices.
+            c = c.to(params.device)
         self.register_buffer("center", c, persistent=True)
-        self._centered = bool(c.any())
+        self._set_center(c)
         self._bind(params)
+
+    def _set_center(self, center: Tensor) -> None:
+        """Derive from the centre what each call needs without reading a GPU tensor back: its values
+        on the host (which :meth:`with_params` passes on), and for a non-zero centre the matrices
+        ``[I | -c]`` and ``[0 | c]`` (:func:`_centering`)."""
+        self._center_host = tuple(center.detach().cpu().double().tolist())
+        self._centered = any(self._center_host)
+        uncenter, recenter = _centering(self._center_host) if self._centered else (None, None)
+        dev = center.device
+        self.register_buffer("_uncenter", None if uncenter is None else uncenter.to(dev), persistent=False)
+        self.register_buffer("_recenter", None if recenter is None else recenter.to(dev), persistent=False)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        # A loaded centre replaces the one this transform was built with.
+        self._set_center(self.center)
 
     def _core_matrix(self) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -93,16 +137,15 @@ class MatrixTransform(ParametricTransform):
     def matrix(self) -> Tensor:
         """Homogeneous ``(N, d+1, d+1)`` matrix in domain coordinates, centre applied."""
         m = self._core_matrix()
-        if self._centered:
-            c = self.center.to(m.dtype)
-            d = self.ndim
-            shift = c - m[:, :d, :d] @ c
-            m = m.clone()
-            m[:, :d, d] = m[:, :d, d] + shift
-        return m
+        if not self._centered:
+            return m
+        d = self.ndim
+        # x -> L (x - c) + c + t: the top rows [L | t] times [I | -c], plus c in the last column.
+        top = m[:, :d] @ self._uncenter.to(m.dtype) + self._recenter.to(m.dtype)
+        return torch.cat([top, m[:, d:]], 1)
 
     def with_params(self, params: Tensor) -> MatrixTransform:
-        return type(self)(self.ndim, params=params, center=self.center)
+        return type(self)(self.ndim, params=params, center=self._center_host)
 
     def forward(self, points: Tensor) -> Tensor:
         self._check_points(points)
@@ -126,8 +169,7 @@ class MatrixTransform(ParametricTransform):
             # Output normalized -> world -> T -> source normalized, composed in float64 so that world
             # offsets of hundreds of mm lose no precision.
             dev = self._device()
-            pre = index_to_domain(out, dev) @ normalized_to_index_matrix(out.shape, device=dev)
-            m = source.world_to_normalized(device=dev) @ (m.double() @ pre)
+            m = source.world_to_normalized(device=dev) @ (m.double() @ out.normalized_to_world(device=dev))
         return m.to(self._dtype())[:, : self.ndim, :]
 
     def sampling_grid(self, out: Sequence[int] | Grid, source: Grid | None = None) -> Tensor:
@@ -231,8 +273,7 @@ class Affine(MatrixTransform):
         return torch.eye(self.ndim, self.ndim + 1).expand(batch, -1, -1).clone()
 
     def _core_matrix(self) -> Tensor:
-        p = self.params
-        return _homogeneous(p[:, :, : self.ndim], p[:, :, self.ndim])
+        return _with_bottom_row(self.params)
 
     @classmethod
     def from_matrix(cls, matrix: Tensor) -> Affine:
