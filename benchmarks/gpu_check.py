@@ -56,6 +56,30 @@ def _fused_losses(lines: list[str], g: torch.Generator) -> int:
     return failures
 
 
+def _image_gradient(lines: list[str], g: torch.Generator) -> int:
+    """3D affine warp with the image's gradient too (the Triton scatter on CUDA): CUDA against CPU."""
+    from stnreg.fast import fused_affine_warp
+
+    failures = 0
+    image = torch.rand(2, 2, 30, 34, 38, generator=g)
+    theta = torch.eye(3, 4) + 0.05 * torch.randn(2, 3, 4, generator=g)
+    go = torch.randn(2, 2, 28, 32, 36, generator=g)
+    for padding in ("zeros", "border"):
+        grads = []
+        for dev in ("cpu", "cuda"):
+            img = image.to(dev).requires_grad_()
+            th = theta.to(dev).requires_grad_()
+            out = fused_affine_warp(img, th, (28, 32, 36), padding)
+            grads.append([t.cpu() for t in torch.autograd.grad(out, (img, th), go.to(dev))])
+        d_img = float((grads[0][0] - grads[1][0]).abs().max() / grads[0][0].abs().max())
+        d_th = float((grads[0][1] - grads[1][1]).abs().max() / grads[0][1].abs().max())
+        ok = d_img < 1e-5 and d_th < 1e-4
+        failures += not ok
+        flag = "" if ok else " FAIL"
+        lines.append(f"| 3D affine {padding}, image / θ gradient (relative) | {d_img:.2e} / {d_th:.2e}{flag} |")
+    return failures
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to check")
@@ -91,6 +115,7 @@ def main() -> int:
         diff = float((stnreg.sample(image.cuda(), small.cuda(), antialias=True).cpu() - ref).abs().max())
         failures += diff > 1e-4
         lines.append(f"| {ndim}D anti-aliased shrink | {diff:.2e}{'' if diff < 1e-4 else ' FAIL'} |")
+    failures += _image_gradient(lines, g)
     failures += _fused_losses(lines, g)
     text = "\n".join(lines) + f"\n\n{'all passed' if failures == 0 else f'{failures} FAILED'}\n"
     print(text)

@@ -368,7 +368,8 @@ def kernel_table(quick: bool) -> str:
     that the Python work of a call (argument checks, the finiteness test of θ) does not hide what
     the GPU does; the public ``stnreg.warp`` row is the whole call. Bytes are those a kernel must
     move at least: image read once and output written (forward), image and output gradient read
-    (θ gradient), image and fixed image read (fused loss). The last rows try other tile shapes and
+    (θ gradient), image and fixed image read (fused loss), and twice that when the backward also
+    scatters the image gradient. The last rows try other tile shapes and
     warp counts of the forward kernel (default: ``affine_cuda.TILE_H x TILE_W``, ``NUM_WARPS``) and
     of the fused NCC kernel alone (default: ``RED_TILE_H x RED_TILE_W``, ``Z_PER`` slices), to show
     whether the defaults are the card's best.
@@ -408,7 +409,19 @@ def kernel_table(quick: bool) -> str:
         nbytes = 2 * img.numel() * 4
         copy_gbps = row(n, "copy (torch)", lambda: out.copy_(img), nbytes, None)
         row(n, "forward", lambda: affine_cuda.forward(img, theta, sp, False), nbytes, copy_gbps)
-        row(n, "θ gradient", lambda: affine_cuda.grad_theta(img, theta, go, False), nbytes, copy_gbps)
+        row(n, "θ gradient", lambda: affine_cuda.backward(img, theta, go, False, True, False), nbytes, copy_gbps)
+        # The scatter also reads and writes the image gradient (atomics in L2, so this is a floor).
+        both = functools.partial(affine_cuda.backward, img, theta, go, False, True, True)
+        row(n, "θ + image gradient", both, 2 * nbytes, copy_gbps)
+        leaf = img.detach().requires_grad_()
+        th_leaf = theta.detach().requires_grad_()
+
+        def ref_backward():
+            grid = F.affine_grid(th_leaf, [n, 1, *sp], align_corners=False)
+            torch.autograd.grad(F.grid_sample(leaf, grid, align_corners=False), (leaf, th_leaf), go)
+
+        # Its forward included: grid_sample's backward needs the grid, which autograd would keep.
+        row(n, "affine_grid + grid_sample, fwd + bwd", ref_backward, 2 * nbytes, copy_gbps)
         for loss in ("mse", "ncc"):
             fused = functools.partial(affine_cuda.loss_sums, img, fixed, theta, False, loss == "ncc")
             row(n, f"fused {loss} + θ gradient", fused, nbytes, copy_gbps)

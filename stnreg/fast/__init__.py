@@ -22,15 +22,17 @@
   loss's gradient in closed form, instead of autograd through cumulative sums.
 
 All run numba kernels on the CPU (compiled on first use and cached on disk). On CUDA, float32 3D
-volumes take Triton kernels for the two fused matrix paths (:mod:`stnreg.fast.affine_cuda`; the
-image gradient, when one is needed, comes from ``grid_sample``'s backward). Elsewhere (other CUDA
+volumes take Triton kernels for the two fused matrix paths (:mod:`stnreg.fast.affine_cuda`; one
+backward pass gives θ's gradient and scatters the image's when one is needed). Elsewhere (other CUDA
 cases, 2D, reflection padding), with ``STNREG_FAST=0``, or without numba / Triton, the reference
 torch path runs, after a one-line notice the first time a kernel library is missing. Fast and
 reference paths agree to float32 rounding, gradients included (``tests/test_fast.py``,
 ``tests/test_fast_cuda.py``). Results are deterministic: threads split output slices that each
 write their own outputs, partial sums are added in a fixed order, and the scatters of image
-gradients run on one thread, so 1 and 2 threads give the same bits; the Triton kernels write one
-row of partial sums per program and use no atomics.
+gradients run on one thread, so 1 and 2 threads give the same bits. The Triton kernels write one
+row of partial sums per program, except the image gradient's scatter, which adds with atomics as
+``grid_sample``'s CUDA backward does; under ``torch.use_deterministic_algorithms`` that gradient
+comes from ``grid_sample`` instead, where torch applies its own rule.
 """
 
 from __future__ import annotations
@@ -251,17 +253,26 @@ class _FusedAffine(torch.autograd.Function):
 
 
 def _gpu_affine_backward(ctx, img: Tensor, th: Tensor, go: Tensor) -> tuple[Tensor | None, Tensor | None]:
-    """``(∂L/∂image, ∂L/∂θ)`` of the Triton warp: θ's from the kernel, the image's (a scatter) from grid_sample."""
-    grad_img = grad_theta = None
-    if ctx.needs_input_grad[1]:
-        grad_theta = _triton().grad_theta(img, th, go, ctx.border).to(ctx.theta_dtype)
-    if ctx.needs_input_grad[0]:
+    """``(∂L/∂image, ∂L/∂θ)`` of the Triton warp, both from one kernel pass over ``go``.
+
+    The image gradient is a scatter with atomic adds, which torch counts as nondeterministic (as it
+    does ``grid_sample``'s CUDA backward); under ``torch.use_deterministic_algorithms`` that gradient
+    comes from ``grid_sample``'s backward, so that torch raises or warns as it would there.
+    """
+    want_theta, want_image = ctx.needs_input_grad[1], ctx.needs_input_grad[0]
+    grad_img = None
+    if want_image and torch.are_deterministic_algorithms_enabled():
         with torch.enable_grad():
             leaf = img.detach().requires_grad_()
             grid = F.affine_grid(th, [img.shape[0], 1, *go.shape[2:]], align_corners=False)
             out = F.grid_sample(leaf, grid, "bilinear", "border" if ctx.border else "zeros", align_corners=False)
             (grad_img,) = torch.autograd.grad(out, leaf, go)
-    return grad_img, grad_theta
+        want_image = False
+    grad_theta = None
+    if want_theta or want_image:
+        grad_theta, scattered = _triton().backward(img, th, go, ctx.border, want_theta, want_image)
+        grad_img = scattered if want_image else grad_img
+    return grad_img, None if grad_theta is None else grad_theta.to(ctx.theta_dtype)
 
 
 def fused_affine_warp(image: Tensor, theta: Tensor, out_shape: tuple[int, ...], padding: str = "zeros") -> Tensor:

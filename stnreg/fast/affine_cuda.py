@@ -6,16 +6,19 @@ The GPU twin of :mod:`stnreg.fast.affine_cpu` for float32 volumes. For output vo
 ``affine_grid`` + ``grid_sample``. No grid tensor exists:
 
 - :func:`forward` writes only the warped image;
-- :func:`grad_theta` returns ``∂L/∂θ = Σ_p Σ_c go[c, p] ∇I_c(g(p)) ⊗ [u(p); 1]`` (times ``n / 2``
-  per row, pixel to normalized units) from the output gradient;
+- :func:`backward` returns, in one pass over the output gradient ``go``, ``∂L/∂θ = Σ_p Σ_c go[c, p]
+  ∇I_c(g(p)) ⊗ [u(p); 1]`` (times ``n / 2`` per row, pixel to normalized units) and/or the image
+  gradient, each corner's weight times ``go`` added into it (a scatter);
 - :func:`loss_sums` computes, in the same pass as the warp, the sums that MSE and NCC and their
   12-parameter gradients are made of, without writing the warped image.
 
 Each program handles a ``TILE_H x TILE_W`` patch of one output slice (forward) or of ``Z_PER``
 slices (the reducing kernels) of one batch item, and writes its partial sums to its own row; torch
-adds the rows in float64 in a fixed order. No atomics, so results are deterministic. The image
-gradient (a scatter) is not here: :mod:`stnreg.fast` computes it with ``grid_sample``'s backward
-when an image needs one.
+adds the rows in float64 in a fixed order, so the warp, θ's gradient and the fused losses are
+deterministic. The image gradient is a scatter with atomic adds, as in ``grid_sample``'s CUDA
+backward, so its last bits may vary between runs; :mod:`stnreg.fast` takes ``grid_sample``'s
+backward instead when ``torch.use_deterministic_algorithms`` is on, so that torch's own rule
+(raise or warn) applies.
 
 Tested on an NVIDIA H200 and, without a GPU, in Triton's interpreter (``TRITON_INTERPRET=1``,
 ``tests/test_fast_cuda.py``).
@@ -150,6 +153,47 @@ def _trilinear(base, ix, iy, iz, d, h, w, mask):
 
 
 @triton.jit
+def _scatter(base, ix, iy, iz, d, h, w, mask, go):
+    """Add ``go`` times each corner's trilinear weight into the image gradient at ``base`` (the
+    adjoint of :func:`_trilinear`'s value); corners outside are skipped, as ``grid_sample`` does."""
+    fx0 = tl.floor(ix)
+    fy0 = tl.floor(iy)
+    fz0 = tl.floor(iz)
+    tx = ix - fx0
+    ty = iy - fy0
+    tz = iz - fz0
+    sx = 1.0 - tx
+    sy = 1.0 - ty
+    sz = 1.0 - tz
+    x0 = fx0.to(tl.int32)
+    y0 = fy0.to(tl.int32)
+    z0 = fz0.to(tl.int32)
+    x1 = x0 + 1
+    y1 = y0 + 1
+    z1 = z0 + 1
+    mx0 = (x0 >= 0) & (x0 < w)
+    mx1 = (x1 >= 0) & (x1 < w)
+    my0 = (y0 >= 0) & (y0 < h)
+    my1 = (y1 >= 0) & (y1 < h)
+    mz0 = mask & (z0 >= 0) & (z0 < d)
+    mz1 = mask & (z1 >= 0) & (z1 < d)
+    r00 = (z0 * h + y0) * w
+    r01 = (z0 * h + y1) * w
+    r10 = (z1 * h + y0) * w
+    r11 = (z1 * h + y1) * w
+    g0 = go * sz
+    g1 = go * tz
+    tl.atomic_add(base + r00 + x0, g0 * sy * sx, mask=mz0 & my0 & mx0, sem="relaxed")
+    tl.atomic_add(base + r00 + x1, g0 * sy * tx, mask=mz0 & my0 & mx1, sem="relaxed")
+    tl.atomic_add(base + r01 + x0, g0 * ty * sx, mask=mz0 & my1 & mx0, sem="relaxed")
+    tl.atomic_add(base + r01 + x1, g0 * ty * tx, mask=mz0 & my1 & mx1, sem="relaxed")
+    tl.atomic_add(base + r10 + x0, g1 * sy * sx, mask=mz1 & my0 & mx0, sem="relaxed")
+    tl.atomic_add(base + r10 + x1, g1 * sy * tx, mask=mz1 & my0 & mx1, sem="relaxed")
+    tl.atomic_add(base + r11 + x0, g1 * ty * sx, mask=mz1 & my1 & mx0, sem="relaxed")
+    tl.atomic_add(base + r11 + x1, g1 * ty * tx, mask=mz1 & my1 & mx1, sem="relaxed")
+
+
+@triton.jit
 def _forward_kernel(
     img_ptr,
     theta_ptr,
@@ -208,11 +252,12 @@ def _store_moments(ptr, wx, wy, wz, wxz, wyz, wzz, ux, uy, d, h, w):
 
 
 @triton.jit
-def _grad_theta_kernel(
+def _backward_kernel(
     img_ptr,
     theta_ptr,
     go_ptr,
     part_ptr,
+    gimg_ptr,
     n_c,
     d,
     h,
@@ -221,6 +266,8 @@ def _grad_theta_kernel(
     oh,
     ow,
     BORDER: tl.constexpr,
+    THETA: tl.constexpr,
+    IMAGE: tl.constexpr,
     TILE_H: tl.constexpr,
     TILE_W: tl.constexpr,
     Z_PER: tl.constexpr,
@@ -242,22 +289,27 @@ def _grad_theta_kernel(
         gz = tl.zeros((TILE_H, TILE_W), tl.float32)
         for c in range(n_c):
             plane = (b * n_c + c).to(tl.int64)
-            _, dx, dy, dz = _trilinear(img_ptr + plane * (d * h * w), ix, iy, iz, d, h, w, mask)
             go = tl.load(go_ptr + plane * n_out + offs, mask=mask, other=0.0)
-            gx += go * dx
-            gy += go * dy
-            gz += go * dz
-        gx *= cx
-        gy *= cy
-        gz *= cz
-        wx += gx
-        wy += gy
-        wz += gz
-        wxz += gx * uz
-        wyz += gy * uz
-        wzz += gz * uz
-    row = part_ptr + _program_row(b) * 12
-    _store_moments(row, wx, wy, wz, wxz, wyz, wzz, ux, uy, d, h, w)
+            if THETA:
+                _, dx, dy, dz = _trilinear(img_ptr + plane * (d * h * w), ix, iy, iz, d, h, w, mask)
+                gx += go * dx
+                gy += go * dy
+                gz += go * dz
+            if IMAGE:
+                _scatter(gimg_ptr + plane * (d * h * w), ix, iy, iz, d, h, w, mask, go)
+        if THETA:
+            gx *= cx
+            gy *= cy
+            gz *= cz
+            wx += gx
+            wy += gy
+            wz += gz
+            wxz += gx * uz
+            wyz += gy * uz
+            wzz += gz * uz
+    if THETA:
+        row = part_ptr + _program_row(b) * 12
+        _store_moments(row, wx, wy, wz, wxz, wyz, wzz, ux, uy, d, h, w)
 
 
 @triton.jit
@@ -380,15 +432,24 @@ def forward(img: Tensor, theta: Tensor, out_shape: tuple[int, int, int], border:
     return out
 
 
-def grad_theta(img: Tensor, theta: Tensor, grad_out: Tensor, border: bool) -> Tensor:
-    """``∂L/∂θ`` ``(N, 3, 4)`` float64 from ``∂L/∂out`` ``(N, C, D', H', W')`` (contiguous float32)."""
+def backward(
+    img: Tensor, theta: Tensor, grad_out: Tensor, border: bool, theta_grad: bool, image_grad: bool
+) -> tuple[Tensor | None, Tensor | None]:
+    """``(∂L/∂θ, ∂L/∂image)`` from ``∂L/∂out`` ``(N, C, D', H', W')`` (contiguous float32), in one pass.
+
+    ``∂L/∂θ`` is ``(N, 3, 4)`` float64, summed in a fixed order (deterministic); ``∂L/∂image`` is
+    float32, scattered with atomic adds as ``grid_sample``'s backward does on CUDA, so its last bits
+    may vary from run to run. Either is ``None`` when not asked for.
+    """
     _check(img, theta)
     n = img.shape[0]
     grid = _launch(grad_out.shape[2:], n, RED_TILE_H, RED_TILE_W, Z_PER)
-    part = torch.empty((n, grid[0] * grid[1], _MOMENTS), dtype=torch.float32, device=img.device)
-    args = (img, theta, grad_out, part, img.shape[1], *img.shape[2:], *grad_out.shape[2:])
-    _grad_theta_kernel[grid](*args, BORDER=border, **_RED_TILES)
-    return part.double().sum(1).reshape(n, 3, 4)
+    part = torch.empty((n, grid[0] * grid[1], _MOMENTS) if theta_grad else (1,), dtype=torch.float32, device=img.device)
+    gimg = torch.zeros_like(img) if image_grad else part
+    args = (img, theta, grad_out, part, gimg, img.shape[1], *img.shape[2:], *grad_out.shape[2:])
+    _backward_kernel[grid](*args, BORDER=border, THETA=theta_grad, IMAGE=image_grad, **_RED_TILES)
+    grad_theta = part.double().sum(1).reshape(n, 3, 4) if theta_grad else None
+    return grad_theta, gimg if image_grad else None
 
 
 def loss_sums(img: Tensor, fixed: Tensor, theta: Tensor, border: bool, ncc: bool) -> tuple[Tensor, Tensor]:
