@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -24,19 +26,23 @@ def check_image(image: Tensor, name: str = "image", *, allow_integer: bool = Fal
     return image.dim() - 2
 
 
-def check_finite(tensor: Tensor, name: str) -> None:
-    """Raise if ``tensor`` holds NaN or infinity.
+def all_finite(tensor: Tensor) -> bool:
+    """Whether every entry of ``tensor`` is finite.
 
     One read-only reduction: NaN and infinity propagate into the sum, so a finite sum proves every
-    entry finite; only a non-finite sum (or an overflowing one) pays for the exact element check.
+    entry finite (two ops and one host read, a device synchronization on a GPU); only a non-finite
+    sum (or an overflowing one) pays for the exact element check.
     """
     if not tensor.is_floating_point():
-        return
+        return True
     with torch.no_grad():
-        if bool(torch.isfinite(tensor.sum())):
-            return
-        if not bool(torch.isfinite(tensor).all()):
-            raise ValueError(f"{name} contains NaN or infinite values")
+        return math.isfinite(tensor.sum().item()) or bool(torch.isfinite(tensor).all())
+
+
+def check_finite(tensor: Tensor, name: str) -> None:
+    """Raise if ``tensor`` holds NaN or infinity (see :func:`all_finite`)."""
+    if not all_finite(tensor):
+        raise ValueError(f"{name} contains NaN or infinite values")
 
 
 def check_batch(n_a: int, n_b: int, what: str) -> int:

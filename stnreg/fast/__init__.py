@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._checks import check_batch, expand_batch
+from .._checks import all_finite, check_batch, expand_batch
 from ..coords import normalized_to_index_matrix
 
 __all__ = [
@@ -195,7 +195,7 @@ def _buffer(shape: tuple[int, ...], dtype: torch.dtype, zero: bool = False) -> T
 
 
 def _check_finite(theta: Tensor) -> None:
-    if not bool(torch.isfinite(theta).all()):
+    if not all_finite(theta):
         raise ValueError("transform parameters contain NaN or infinity")
 
 

@@ -80,16 +80,19 @@ def _homogeneous(linear: Tensor, translation: Tensor) -> Tensor:
 
 
 @lru_cache(maxsize=64)
-def _centering(center: tuple[float, ...]) -> tuple[Tensor, Tensor]:
-    """``[I | -c]`` ``(d+1, d+1)`` and ``[0 | c]`` ``(d, d+1)``, float64 on the CPU, for a centre ``c``
-    (cached: every iteration of a registration builds transforms about the same centre)."""
+def _centering(center: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    """``[I | -c]`` ``(d+1, d+1)`` and ``[0 | c]`` ``(d, d+1)`` for a centre ``c`` (read only).
+
+    Cached by value, dtype and device: every iteration of a registration builds transforms about the
+    same centre, and a cached constant costs no op and no host-to-device copy per call.
+    """
     d = len(center)
     c = torch.tensor(center, dtype=torch.float64)
     uncenter = torch.eye(d + 1, dtype=torch.float64)
     uncenter[:d, d] = -c
     recenter = torch.zeros(d, d + 1, dtype=torch.float64)
     recenter[:, d] = c
-    return uncenter, recenter
+    return uncenter.to(device, dtype), recenter.to(device, dtype)
 
 
 class MatrixTransform(ParametricTransform):
@@ -116,15 +119,10 @@ class MatrixTransform(ParametricTransform):
         self._bind(params)
 
     def _set_center(self, center: Tensor) -> None:
-        """Derive from the centre what each call needs without reading a GPU tensor back: its values
-        on the host (which :meth:`with_params` passes on), and for a non-zero centre the matrices
-        ``[I | -c]`` and ``[0 | c]`` (:func:`_centering`)."""
+        """Keep the centre's values on the host, which :meth:`with_params` passes on and
+        :meth:`matrix` reads, so that neither reads a GPU tensor back per call."""
         self._center_host = tuple(center.detach().cpu().double().tolist())
         self._centered = any(self._center_host)
-        uncenter, recenter = _centering(self._center_host) if self._centered else (None, None)
-        dev = center.device
-        self.register_buffer("_uncenter", None if uncenter is None else uncenter.to(dev), persistent=False)
-        self.register_buffer("_recenter", None if recenter is None else recenter.to(dev), persistent=False)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -141,7 +139,8 @@ class MatrixTransform(ParametricTransform):
             return m
         d = self.ndim
         # x -> L (x - c) + c + t: the top rows [L | t] times [I | -c], plus c in the last column.
-        top = m[:, :d] @ self._uncenter.to(m.dtype) + self._recenter.to(m.dtype)
+        uncenter, recenter = _centering(self._center_host, m.dtype, m.device)
+        top = m[:, :d] @ uncenter + recenter
         return torch.cat([top, m[:, d:]], 1)
 
     def with_params(self, params: Tensor) -> MatrixTransform:
