@@ -1,7 +1,8 @@
 """GPU check: every family and sampler mode on CUDA agrees with the CPU reference.
 
 One short script for a scarce GPU: run it, ``pytest tests/test_fast_cuda.py`` (the Triton kernels
-against grid_sample on the card), then ``benchmarks/sampler.py --device cuda``. 3D matrix warps
+against grid_sample on the card), then ``benchmarks/sampler.py --device cuda`` and
+``benchmarks/overhead.py --device cuda`` (a call's host work, where a GPU waits on Python). 3D matrix warps
 and the fused affine similarity run stnreg's Triton kernels on CUDA and its numba kernels on the
 CPU, so the rows below compare the two fast paths as well.
 Prints one line per check and exits non-zero on any disagreement; writes
