@@ -104,14 +104,13 @@ def _total(x):
 
 
 @triton.jit
-def _trilinear(base, ix, iy, iz, d, h, w, mask):
-    """Value and pixel-unit derivatives ``(v, ∂v/∂ix, ∂v/∂iy, ∂v/∂iz)``; corners outside read 0."""
+def _cell(ix, iy, iz, d, h, w, mask):
+    """The trilinear cell of each position: fractions ``(tx, ty, tz)``, the two columns ``x0``,
+    ``x1``, the flat offsets of its four rows ``r[z][y]``, and per-axis in-image masks of its corners
+    (``mask`` folded into the z ones)."""
     fx0 = tl.floor(ix)
     fy0 = tl.floor(iy)
     fz0 = tl.floor(iz)
-    tx = ix - fx0
-    ty = iy - fy0
-    tz = iz - fz0
     x0 = fx0.to(tl.int32)
     y0 = fy0.to(tl.int32)
     z0 = fz0.to(tl.int32)
@@ -128,6 +127,13 @@ def _trilinear(base, ix, iy, iz, d, h, w, mask):
     r01 = (z0 * h + y1) * w
     r10 = (z1 * h + y0) * w
     r11 = (z1 * h + y1) * w
+    return ix - fx0, iy - fy0, iz - fz0, x0, x1, r00, r01, r10, r11, mx0, mx1, my0, my1, mz0, mz1
+
+
+@triton.jit
+def _trilinear(base, ix, iy, iz, d, h, w, mask):
+    """Value and pixel-unit derivatives ``(v, ∂v/∂ix, ∂v/∂iy, ∂v/∂iz)``; corners outside read 0."""
+    tx, ty, tz, x0, x1, r00, r01, r10, r11, mx0, mx1, my0, my1, mz0, mz1 = _cell(ix, iy, iz, d, h, w, mask)
     v000 = tl.load(base + r00 + x0, mask=mz0 & my0 & mx0, other=0.0)
     v001 = tl.load(base + r00 + x1, mask=mz0 & my0 & mx1, other=0.0)
     v010 = tl.load(base + r01 + x0, mask=mz0 & my1 & mx0, other=0.0)
@@ -156,32 +162,10 @@ def _trilinear(base, ix, iy, iz, d, h, w, mask):
 def _scatter(base, ix, iy, iz, d, h, w, mask, go):
     """Add ``go`` times each corner's trilinear weight into the image gradient at ``base`` (the
     adjoint of :func:`_trilinear`'s value); corners outside are skipped, as ``grid_sample`` does."""
-    fx0 = tl.floor(ix)
-    fy0 = tl.floor(iy)
-    fz0 = tl.floor(iz)
-    tx = ix - fx0
-    ty = iy - fy0
-    tz = iz - fz0
+    tx, ty, tz, x0, x1, r00, r01, r10, r11, mx0, mx1, my0, my1, mz0, mz1 = _cell(ix, iy, iz, d, h, w, mask)
     sx = 1.0 - tx
     sy = 1.0 - ty
-    sz = 1.0 - tz
-    x0 = fx0.to(tl.int32)
-    y0 = fy0.to(tl.int32)
-    z0 = fz0.to(tl.int32)
-    x1 = x0 + 1
-    y1 = y0 + 1
-    z1 = z0 + 1
-    mx0 = (x0 >= 0) & (x0 < w)
-    mx1 = (x1 >= 0) & (x1 < w)
-    my0 = (y0 >= 0) & (y0 < h)
-    my1 = (y1 >= 0) & (y1 < h)
-    mz0 = mask & (z0 >= 0) & (z0 < d)
-    mz1 = mask & (z1 >= 0) & (z1 < d)
-    r00 = (z0 * h + y0) * w
-    r01 = (z0 * h + y1) * w
-    r10 = (z1 * h + y0) * w
-    r11 = (z1 * h + y1) * w
-    g0 = go * sz
+    g0 = go * (1.0 - tz)
     g1 = go * tz
     tl.atomic_add(base + r00 + x0, g0 * sy * sx, mask=mz0 & my0 & mx0, sem="relaxed")
     tl.atomic_add(base + r00 + x1, g0 * sy * tx, mask=mz0 & my0 & mx1, sem="relaxed")
