@@ -688,6 +688,8 @@ def _params_from_raw(raw: Tensor, scale: Tensor, init: Tensor, family: Parametri
     """Scaled raw variables to family parameters; fields through a Gaussian preconditioner."""
     step = raw * scale
     if isinstance(family, Displacement) and stage.smooth:
-        sigma = torch.full((1, family.ndim), float(stage.smooth), dtype=raw.dtype, device=raw.device)
+        # On the CPU: the blur reads sigma's largest value on the host, which on a GPU would wait
+        # for the device every iteration.
+        sigma = torch.full((1, family.ndim), float(stage.smooth), dtype=raw.dtype)
         step = gaussian_blur(step, sigma, "border")
     return init + step

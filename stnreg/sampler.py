@@ -65,6 +65,9 @@ def gaussian_blur(image: Tensor, sigma: Tensor, padding: str = "border") -> Tens
     Args:
         image: ``(N, C, *spatial)``.
         sigma: ``(N, d)`` in voxels, ``(x, y, z)`` order; axes with ``sigma < 0.1`` are left alone.
+            It may stay on the CPU beside a GPU image: the taps are made where ``sigma`` lives (the
+            kernel radius needs its largest value on the host, a device synchronization otherwise)
+            and copied over.
         padding: ``"zeros"`` pads with zeros, anything else replicates the border.
     """
     n = image.shape[0]
@@ -76,11 +79,11 @@ def gaussian_blur(image: Tensor, sigma: Tensor, padding: str = "border") -> Tens
         if smax < 0.1:
             continue
         radius = max(1, math.ceil(3.0 * smax))
-        x = torch.arange(-radius, radius + 1, dtype=image.dtype, device=image.device)
+        x = torch.arange(-radius, radius + 1, dtype=image.dtype, device=s.device)
         safe = s.clamp_min(1e-3).view(n, 1)
         k = torch.exp(-0.5 * (x.view(1, -1) / safe) ** 2)
         k = torch.where(s.view(n, 1) < 0.1, (x.view(1, -1) == 0).to(k.dtype), k)
-        k = k / k.sum(dim=1, keepdim=True)
+        k = (k / k.sum(dim=1, keepdim=True)).to(image.device)
         dim = image.dim() - 1 - a
         pad = [0, 0] * d
         pad[2 * a], pad[2 * a + 1] = radius, radius
