@@ -5,8 +5,10 @@ argument checks and the small matrix algebra around the kernel. On a GPU each te
 a kernel launch, and each read of a tensor's value on the host (a finiteness check, ``.item()``)
 waits for the device to drain, so this work, not the kernels, bounds a registration iteration at
 small and mid sizes there. Each case is timed next to what a user would write in plain torch, in the
-same run (the ratio), and its ops are counted: aten ops per call, and host reads per call
-(``aten::_local_scalar_dense``, each a device synchronization on a GPU).
+same run (the ratio), and its ops are counted: aten ops per call, and host reads per call (ops that
+hand a tensor's value to Python: ``.item()``, ``bool()``, ``torch.equal``, ``torch.allclose``). On
+a GPU only reads of device tensors are counted, each a synchronization; on the CPU every read is
+counted, as a stand-in.
 
 Cases (forward + backward, the gradient to the transform's parameters):
 
@@ -14,9 +16,11 @@ Cases (forward + backward, the gradient to the transform's parameters):
   ``grid_sample(image, affine_grid(θ))`` on an 8³ / 16² image;
 - ``world warp 3D``: the same with a centred transform between two world :class:`~stnreg.Grid`\\ s,
   as registration warps (its torch twin applies the precomputed normalized-space θ);
-- ``registration iteration``: one iteration of an affine stage of ``stnreg.register`` (NCC, 16³,
-  early stopping off; (time at 60 iterations - time at 20) / 40) against a plain loop of Adam on θ,
-  ``affine_grid`` + ``grid_sample``, global NCC, backward and reading the loss.
+- ``affine iteration``: one iteration of an affine stage of ``stnreg.register`` (NCC, 16³, early
+  stopping off; (time at 60 iterations - time at 20) / 40) against a plain loop of Adam on θ,
+  ``affine_grid`` + ``grid_sample``, global NCC, backward and reading the loss;
+- ``svf iteration``: the same for a stationary velocity field stage with LNCC (scaling and squaring,
+  the Gaussian preconditioner, the diffusion penalty), stnreg alone.
 
     python benchmarks/overhead.py [--device cpu|cuda] [--repeats 7]
 
@@ -30,10 +34,10 @@ import json
 import platform
 import statistics
 import time
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -43,15 +47,24 @@ import stnreg
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-class _OpCounter(TorchDispatchMode):
-    """Counts the aten ops run under it, by name."""
+# Ops whose result Python reads on the host: on a GPU each waits for the device to drain.
+HOST_READS = {"_local_scalar_dense", "equal", "allclose", "is_nonzero"}
 
-    def __init__(self) -> None:
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the aten ops run under it, and the host reads of tensors on ``device`` (all, on the CPU)."""
+
+    def __init__(self, device: str) -> None:
         super().__init__()
-        self.ops: Counter[str] = Counter()
+        self.device = device
+        self.ops = 0
+        self.reads = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[func.__name__.split(".")[0]] += 1
+        self.ops += 1
+        if func.__name__.split(".")[0] in HOST_READS:
+            devices = {a.device.type for a in args if isinstance(a, torch.Tensor)}
+            self.reads += self.device == "cpu" or self.device in devices
         return func(*args, **(kwargs or {}))
 
 
@@ -75,13 +88,13 @@ def per_call(fn: Callable[[], object], device: str, repeats: int, calls: int = 2
     return statistics.median(samples)
 
 
-def count_ops(fn: Callable[[], object]) -> tuple[int, int]:
+def count_ops(fn: Callable[[], object], device: str) -> tuple[int, int]:
     """(aten ops, host reads) of one call."""
     fn()
-    counter = _OpCounter()
+    counter = _OpCounter(device)
     with counter:
         fn()
-    return sum(counter.ops.values()), counter.ops["_local_scalar_dense"]
+    return counter.ops, counter.reads
 
 
 def _ncc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -124,19 +137,25 @@ def warp_cases(device: str) -> dict[str, dict[str, Callable[[], object]]]:
     return cases
 
 
-def registration_iteration(device: str, repeats: int) -> dict[str, float]:
-    """Seconds per iteration of an affine stage, stnreg and plain torch (16³ pair, NCC)."""
+def _pair() -> tuple[np.ndarray, np.ndarray]:
+    """A smooth 16³ pair, the moving image shifted by a voxel."""
     g = torch.Generator().manual_seed(1)
     base = F.interpolate(torch.rand(1, 1, 5, 5, 5, generator=g), size=(16, 16, 16), mode="trilinear")
-    fixed = base[0, 0].numpy()
-    moving = torch.roll(base, 1, -1)[0, 0].numpy()
+    return torch.roll(base, 1, -1)[0, 0].numpy(), base[0, 0].numpy()
 
-    def ours(iterations: int) -> None:
-        stage = stnreg.Stage("affine", shrink=(1,), iterations=(iterations,))
-        stnreg.register(moving, fixed, [stage], "ncc", tol=0.0, progress=False, device=device)
 
+def iteration_runners(device: str) -> dict[str, dict[str, Callable[[int], None]]]:
+    """Per case, runners of ``n`` iterations: stnreg's stage, and its plain torch twin where one exists."""
+    moving, fixed = _pair()
     mov = torch.as_tensor(moving)[None, None].to(device)
     fix = torch.as_tensor(fixed)[None, None].to(device)
+
+    def stage(family: str, loss: str) -> Callable[[int], None]:
+        def run(iterations: int) -> None:
+            st = stnreg.Stage(family, shrink=(1,), iterations=(iterations,))
+            stnreg.register(moving, fixed, [st], loss, tol=0.0, progress=False, device=device)
+
+        return run
 
     def plain(iterations: int) -> None:
         theta = torch.eye(3, 4, device=device)[None].requires_grad_()
@@ -149,29 +168,33 @@ def registration_iteration(device: str, repeats: int) -> dict[str, float]:
             opt.step()
             float(loss.detach())
 
-    out = {}
-    for name, run in (("torch", plain), ("stnreg", ours)):
-        run(5)
-        counts = []
+    return {
+        "affine iteration (NCC)": {"torch": plain, "stnreg": stage("affine", "ncc")},
+        "svf iteration (LNCC)": {"stnreg": stage("svf", "lncc")},
+    }
+
+
+def per_iteration(run: Callable[[int], None], device: str, repeats: int) -> tuple[float, float, float]:
+    """(seconds, aten ops, host reads) per iteration: the difference of 60 and 20 iterations over 40."""
+    run(5)
+    counts = []
+    for iterations in (20, 60):
+        counter = _OpCounter(device)
+        with counter:
+            run(iterations)
+        counts.append(counter)
+    spans = []
+    for _ in range(repeats):
+        t = []
         for iterations in (20, 60):
-            counter = _OpCounter()
-            with counter:
-                run(iterations)
-            counts.append(counter.ops)
-        out[f"{name} ops"] = (sum(counts[1].values()) - sum(counts[0].values())) / 40
-        out[f"{name} reads"] = (counts[1]["_local_scalar_dense"] - counts[0]["_local_scalar_dense"]) / 40
-        spans = []
-        for _ in range(repeats):
-            t = []
-            for iterations in (20, 60):
-                _sync(device)
-                start = time.perf_counter()
-                run(iterations)
-                _sync(device)
-                t.append(time.perf_counter() - start)
-            spans.append((t[1] - t[0]) / 40)
-        out[name] = statistics.median(spans)
-    return out
+            _sync(device)
+            start = time.perf_counter()
+            run(iterations)
+            _sync(device)
+            t.append(time.perf_counter() - start)
+        spans.append((t[1] - t[0]) / 40)
+    ops = (counts[1].ops - counts[0].ops) / 40
+    return statistics.median(spans), ops, (counts[1].reads - counts[0].reads) / 40
 
 
 def main() -> None:
@@ -188,34 +211,30 @@ def main() -> None:
         for name, fn in methods.items():
             t = per_call(fn, device, args.repeats)
             base = base or t
-            ops, reads = count_ops(fn)
+            ops, reads = count_ops(fn, device)
             rows.append({"case": case, "method": name, "us": 1e6 * t, "ratio": t / base, "ops": ops, "reads": reads})
             print(rows[-1], flush=True)
-    per_it = registration_iteration(device, args.repeats)
-    for name in ("torch", "stnreg"):
-        t = per_it[name]
-        rows.append(
-            {
-                "case": "registration iteration",
-                "method": name,
-                "us": 1e6 * t,
-                "ratio": t / per_it["torch"],
-                "ops": per_it[f"{name} ops"],
-                "reads": per_it[f"{name} reads"],
-            }
-        )
-        print(rows[-1], flush=True)
+    for case, runners in iteration_runners(device).items():
+        base = None
+        for name, run in runners.items():
+            t, ops, reads = per_iteration(run, device, args.repeats)
+            base = base or (t if name == "torch" else None)
+            ratio = t / base if base else None
+            rows.append({"case": case, "method": name, "us": 1e6 * t, "ratio": ratio, "ops": ops, "reads": reads})
+            print(rows[-1], flush=True)
     lines = [
         f"# Per-call overhead ({device}: {card}, torch {torch.__version__}, 1 thread, median of {args.repeats})",
         "",
         "Tiny images, so that a call's time is its host work. Ratios are against the plain-torch row of each case.",
-        "Ops and host reads per call are counted under a dispatch mode (each host read synchronizes a GPU).",
+        "Ops and host reads (`.item()`, `bool()`, `equal`, `allclose`) per call are counted under a dispatch mode;",
+        "on a GPU only reads of device tensors count (each a synchronization), on the CPU all of them do.",
         "",
         "| case | method | µs per call | ratio | aten ops | host reads |",
         "|---|---|---:|---:|---:|---:|",
     ]
     for r in rows:
-        cells = (r["case"], r["method"], f"{r['us']:.0f}", f"{r['ratio']:.2f}", f"{r['ops']:g}", f"{r['reads']:g}")
+        ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}"
+        cells = (r["case"], r["method"], f"{r['us']:.0f}", ratio, f"{r['ops']:g}", f"{r['reads']:g}")
         lines.append("| " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
     print(text)

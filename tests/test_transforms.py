@@ -204,6 +204,21 @@ def test_svf_is_diffeomorphic_and_inverts():
     assert err_vox[..., 6:-6, 6:-6, 6:-6].abs().max() < 0.05
 
 
+def test_field_domain_survives_load_state_dict_and_with_params():
+    # A world-space velocity field (anisotropic mm, so its vector map is no identity) restored into a
+    # transform built with the default domain must warp as the original, through with_params too.
+    grid = stnreg.Grid((10, 12, 14), spacing=(1.5, 1.0, 2.5), origin=(-5.0, 3.0, 7.0))
+    v = 0.8 * torch.randn(1, 3, *grid.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    original = StationaryVelocity.for_grid(grid).double()
+    restored = StationaryVelocity(grid.shape).double()
+    restored.load_state_dict(original.state_dict())
+    torch.testing.assert_close(restored.with_params(v).field(), original.with_params(v).field())
+    image = smooth_image(grid.shape, seed=4).double()
+    ours = warp(image, restored.with_params(v), grid, grid)
+    torch.testing.assert_close(ours, warp(image, original.with_params(v), grid, grid))
+    assert not torch.equal(ours, warp(image, StationaryVelocity(grid.shape).double().with_params(v), grid, grid))
+
+
 @pytest.mark.parametrize("ndim", [2, 3])
 def test_compose_equals_warping_twice(ndim):
     shape = (32, 36) if ndim == 2 else (20, 22, 24)

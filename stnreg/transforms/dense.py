@@ -19,7 +19,7 @@ from torch import Tensor
 from ..coords import Grid, apply_affine, index_to_normalized_matrix, normalized_to_index_matrix
 from ..fast import fast_available, fused_field_warp
 from ..sampler import sample
-from .base import ParametricTransform, Transform, _cached_lattice_channels_first, output_lattice
+from .base import ParametricTransform, Transform, _cached_lattice_channels_first, index_to_domain, output_lattice
 
 __all__ = ["Displacement", "StationaryVelocity", "compose_fields", "scaling_and_squaring"]
 
@@ -130,8 +130,17 @@ class Displacement(ParametricTransform):
         dom = torch.eye(d + 1, dtype=torch.float64) if domain is None else torch.as_tensor(domain).double()
         if dom.shape != (d + 1, d + 1):
             raise ValueError(f"domain must be a ({d + 1}, {d + 1}) homogeneous matrix, got {tuple(dom.shape)}")
+        # A CPU copy for the questions asked every call (same frame? identity units?) and for
+        # with_params, so that none of them reads a GPU tensor back.
+        self._domain_host = dom.detach().to("cpu", torch.float64, copy=True)
+        if isinstance(params, Tensor):
+            dom = dom.to(params.device)
         self.register_buffer("domain", dom)
         self._bind(params)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._domain_host = self.domain.detach().to("cpu", torch.float64, copy=True)
 
     @classmethod
     def for_grid(cls, grid: Grid, batch: int = 1) -> Displacement:
@@ -142,21 +151,23 @@ class Displacement(ParametricTransform):
         return torch.zeros(batch, *self.param_shape)
 
     def with_params(self, params: Tensor) -> Displacement:
-        return type(self)(self.shape, params=params, domain=self.domain)
+        return type(self)(self.shape, params=params, domain=self._domain_host)
 
     def field(self) -> Tensor:
         """The displacement ``(N, d, *shape)`` on the lattice, in point-space units."""
         return self.params
 
     def _vector_map(self) -> Tensor:
-        """``(d, d)`` map from point-space vector units to field-normalized units."""
-        return self.domain[: self.ndim, : self.ndim].to(self._dtype())
+        """``(d, d)`` map from point-space vector units to field-normalized units, on the CPU (its
+        entries scale field channels as scalars on any device)."""
+        return self._domain_host[: self.ndim, : self.ndim].to(self._dtype())
 
     def _shares_frame(self, index_to_domain: Tensor, shape: Sequence[int]) -> bool:
         """Whether a lattice of ``shape`` covers the field's own extent: its voxel centres are
-        ``lattice(shape)`` in the field's normalized coordinates (a resampled copy of its grid)."""
-        frame = index_to_normalized_matrix(tuple(shape), device=index_to_domain.device)
-        return bool(torch.allclose(self.domain.to(index_to_domain.device) @ index_to_domain, frame, atol=1e-9))
+        ``lattice(shape)`` in the field's normalized coordinates (a resampled copy of its grid).
+        ``index_to_domain``: the lattice's ``(d+1, d+1)`` float64 index-to-domain map, on the CPU."""
+        frame = index_to_normalized_matrix(tuple(shape))
+        return bool(torch.allclose(self._domain_host @ index_to_domain, frame, atol=1e-9))
 
     def field_on(self, shape: Sequence[int]) -> Tensor:
         """The displacement ``(N, d, *shape)`` at the voxel centres of a lattice of ``shape`` that
@@ -175,9 +186,9 @@ class Displacement(ParametricTransform):
         return points + _interpolate(self.field(), u).to(points.dtype)
 
     def mapped_lattice(self, out: Sequence[int] | Grid) -> Tensor:
-        pts, index_to_domain = output_lattice(out, self._dtype(), self._device())
+        pts, _ = output_lattice(out, self._dtype(), self._device())
         shape = tuple(pts.shape[1:-1])
-        if self._shares_frame(index_to_domain, shape):
+        if self._shares_frame(index_to_domain(out), shape):
             field = self.field_on(shape)
             if isinstance(out, Grid):
                 return _channels_last(_channels_first(pts) + field)
@@ -186,10 +197,11 @@ class Displacement(ParametricTransform):
 
     def compose(self, other: Transform) -> Transform:
         """``self ∘ other``; with another field on the same lattice the result is one field."""
-        if isinstance(other, Displacement) and other.shape == self.shape and torch.equal(other.domain, self.domain):
+        same_frame = isinstance(other, Displacement) and torch.equal(other._domain_host, self._domain_host)
+        if same_frame and other.shape == self.shape:
             # x -> other(x) then self: u(x) = b(x) + a(x + b(x)).
             field = compose_fields(other.field(), self.field(), self._vector_map())
-            return Displacement(self.shape, params=field, domain=self.domain)
+            return Displacement(self.shape, params=field, domain=self._domain_host)
         return super().compose(other)
 
 
@@ -212,7 +224,7 @@ class StationaryVelocity(Displacement):
         self.steps = int(steps)
 
     def with_params(self, params: Tensor) -> StationaryVelocity:
-        return StationaryVelocity(self.shape, params=params, domain=self.domain, steps=self.steps)
+        return StationaryVelocity(self.shape, params=params, domain=self._domain_host, steps=self.steps)
 
     def field(self) -> Tensor:
         """The displacement ``exp(v) - id`` ``(N, d, *shape)`` on the lattice."""
