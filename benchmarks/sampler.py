@@ -361,6 +361,23 @@ def _peak_bandwidth() -> float | None:
     return 2 * clock_mhz * 1e6 * bus_bits / 8
 
 
+# Forward kernel settings the kernel table tries beside the default: (tile rows, tile columns, warps,
+# slices per program, streaming stores of the output).
+FORWARD_VARIANTS = (
+    (8, 64, 4, 1, False),
+    (2, 128, 2, 1, False),
+    (2, 256, 4, 1, False),
+    (8, 128, 8, 1, False),
+    (4, 256, 8, 1, False),
+    (1, 256, 2, 1, False),
+    (4, 128, 4, 1, True),
+    (4, 128, 4, 2, False),
+    (4, 128, 4, 4, False),
+    (4, 128, 4, 8, False),
+    (1, 256, 2, 4, True),
+)
+
+
 def kernel_table(quick: bool) -> str:
     """CUDA: GPU time of the Triton kernels behind the 3D affine warp, against the card's bandwidth.
 
@@ -369,8 +386,9 @@ def kernel_table(quick: bool) -> str:
     the GPU does; the public ``stnreg.warp`` row is the whole call. Bytes are those a kernel must
     move at least: image read once and output written (forward), image and output gradient read
     (θ gradient), image and fixed image read (fused loss), and twice that when the backward also
-    scatters the image gradient. The last rows try other tile shapes and
-    warp counts of the forward kernel (default: ``affine_cuda.TILE_H x TILE_W``, ``NUM_WARPS``) and
+    scatters the image gradient. The last rows try other tile shapes,
+    warp counts, slices per program and streaming stores of the forward kernel (``FORWARD_VARIANTS``;
+    default: ``affine_cuda.TILE_H x TILE_W``, ``NUM_WARPS``, one slice, plain stores) and
     of the fused NCC kernel alone (default: ``RED_TILE_H x RED_TILE_W``, ``Z_PER`` slices), to show
     whether the defaults are the card's best.
     """
@@ -434,15 +452,17 @@ def kernel_table(quick: bool) -> str:
         row(n, "affine_grid + grid_sample", ref, nbytes + 2 * n * voxels * 3 * 4, copy_gbps)
         family = stnreg.Affine(3).cuda().with_params(theta)
         row(n, "stnreg.warp(Affine), whole call", lambda: stnreg.warp(img, family), nbytes, copy_gbps)
-        for tile_h, tile_w, warps in ((8, 64, 4), (2, 128, 2), (2, 256, 4), (8, 128, 8), (4, 256, 8), (1, 256, 2)):
+        for tile_h, tile_w, warps, z_per, stream in FORWARD_VARIANTS:
 
-            def launch(tile_h=tile_h, tile_w=tile_w, warps=warps):
-                grid = affine_cuda._launch(sp, n, tile_h, tile_w, 1)
+            def launch(tile_h=tile_h, tile_w=tile_w, warps=warps, z_per=z_per, stream=stream):
+                grid = affine_cuda._launch(sp, n, tile_h, tile_w, z_per)
                 affine_cuda._forward_kernel[grid](
-                    img, theta, out, 1, *sp, *sp, BORDER=False, TILE_H=tile_h, TILE_W=tile_w, num_warps=warps
+                    img, theta, out, 1, *sp, *sp, False, tile_h, tile_w, z_per, stream, num_warps=warps
                 )
 
-            row(n, f"forward, tile {tile_h}x{tile_w}, {warps} warps", launch, nbytes, copy_gbps)
+            name = f"forward, tile {tile_h}x{tile_w}, {warps} warps"
+            name += (f", {z_per} slices" if z_per > 1 else "") + (", streaming stores" if stream else "")
+            row(n, name, launch, nbytes, copy_gbps)
         for tile_h, tile_w, z_per, warps in ((4, 64, 8, 4), (4, 128, 16, 4), (2, 128, 16, 2), (4, 64, 32, 4)):
             grid = affine_cuda._launch(sp, n, tile_h, tile_w, z_per)
             width = affine_cuda._STATS + 3 * affine_cuda._MOMENTS

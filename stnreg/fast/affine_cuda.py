@@ -43,7 +43,12 @@ from torch import Tensor
 TILE_H = 4
 TILE_W = 128
 NUM_WARPS = 4
-_TILES = {"TILE_H": TILE_H, "TILE_W": TILE_W, "num_warps": NUM_WARPS}
+# Not yet measured on a card (benchmarks/sampler.py --only kernels sweeps them): slices per forward
+# program, which spreads a program's fixed work (θ, tile indices) over more voxels, and streaming
+# (evict-first) stores of the output. Any setting gives the same bits: each voxel is computed alone.
+FWD_Z_PER = 1
+STREAM_OUT = False
+_TILES = {"TILE_H": TILE_H, "TILE_W": TILE_W, "Z_PER": FWD_Z_PER, "STREAM_OUT": STREAM_OUT, "num_warps": NUM_WARPS}
 RED_TILE_H = 4
 RED_TILE_W = 64
 Z_PER = 16
@@ -192,17 +197,24 @@ def _forward_kernel(
     BORDER: tl.constexpr,
     TILE_H: tl.constexpr,
     TILE_W: tl.constexpr,
+    Z_PER: tl.constexpr,
+    STREAM_OUT: tl.constexpr,
 ):
     b = tl.program_id(2)
     x, y, ux, uy = _tile(oh, ow, TILE_H, TILE_W)
-    offs, mask, ix, iy, iz, _, _, _, _ = _position(
-        theta_ptr, b, x, y, ux, uy, tl.program_id(1), od, oh, ow, d, h, w, BORDER
-    )
     n_out = od * oh * ow
-    for c in range(n_c):
-        plane = (b * n_c + c).to(tl.int64)
-        v, _, _, _ = _trilinear(img_ptr + plane * (d * h * w), ix, iy, iz, d, h, w, mask)
-        tl.store(out_ptr + plane * n_out + offs, v, mask=mask)
+    for zi in range(Z_PER):
+        z = tl.program_id(1) * Z_PER + zi
+        offs, mask, ix, iy, iz, _, _, _, _ = _position(theta_ptr, b, x, y, ux, uy, z, od, oh, ow, d, h, w, BORDER)
+        for c in range(n_c):
+            plane = (b * n_c + c).to(tl.int64)
+            v, _, _, _ = _trilinear(img_ptr + plane * (d * h * w), ix, iy, iz, d, h, w, mask)
+            if STREAM_OUT:
+                # Written once, never read here: evict-first, so that it does not push the image's
+                # lines, which neighbouring programs still read, out of L2.
+                tl.store(out_ptr + plane * n_out + offs, v, mask=mask, cache_modifier=".cs")
+            else:
+                tl.store(out_ptr + plane * n_out + offs, v, mask=mask)
 
 
 @triton.jit
@@ -410,7 +422,7 @@ def forward(img: Tensor, theta: Tensor, out_shape: tuple[int, int, int], border:
     _check(img, theta)
     n, c = img.shape[:2]
     out = torch.empty((n, c, *out_shape), dtype=img.dtype, device=img.device)
-    _forward_kernel[_launch(out_shape, n, TILE_H, TILE_W, 1)](
+    _forward_kernel[_launch(out_shape, n, TILE_H, TILE_W, FWD_Z_PER)](
         img, theta, out, c, *img.shape[2:], *out_shape, BORDER=border, **_TILES
     )
     return out
