@@ -30,22 +30,21 @@ Writes ``benchmarks/results/overhead[-cuda].md`` and ``.json``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import statistics
-import time
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+# Run as a script, benchmarks/ is on the path: the timer and results folder are the sampler benchmark's.
+from sampler import RESULTS, _time
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import stnreg
-
-RESULTS = Path(__file__).resolve().parent / "results"
-
 
 # Ops whose result Python reads on the host: on a GPU each waits for the device to drain.
 HOST_READS = {"_local_scalar_dense", "equal", "allclose", "is_nonzero"}
@@ -68,24 +67,11 @@ class _OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def per_call(fn: Callable[[], object], device: str, repeats: int, calls: int = 200) -> float:
     """Median over ``repeats`` samples of the mean time of ``calls`` back-to-back calls, in seconds."""
     for _ in range(20):
         fn()
-    samples = []
-    for _ in range(repeats):
-        _sync(device)
-        t = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        _sync(device)
-        samples.append((time.perf_counter() - t) / calls)
-    return statistics.median(samples)
+    return statistics.median(_time(fn, device, calls) for _ in range(repeats))
 
 
 def count_ops(fn: Callable[[], object], device: str) -> tuple[int, int]:
@@ -185,14 +171,8 @@ def per_iteration(run: Callable[[int], None], device: str, repeats: int) -> tupl
         counts.append(counter)
     spans = []
     for _ in range(repeats):
-        t = []
-        for iterations in (20, 60):
-            _sync(device)
-            start = time.perf_counter()
-            run(iterations)
-            _sync(device)
-            t.append(time.perf_counter() - start)
-        spans.append((t[1] - t[0]) / 40)
+        short, long = (_time(functools.partial(run, iterations), device) for iterations in (20, 60))
+        spans.append((long - short) / 40)
     ops = (counts[1].ops - counts[0].ops) / 40
     return statistics.median(spans), ops, (counts[1].reads - counts[0].reads) / 40
 
