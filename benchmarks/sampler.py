@@ -457,7 +457,18 @@ def kernel_table(quick: bool) -> str:
             def launch(tile_h=tile_h, tile_w=tile_w, warps=warps, z_per=z_per, stream=stream):
                 grid = affine_cuda._launch(sp, n, tile_h, tile_w, z_per)
                 affine_cuda._forward_kernel[grid](
-                    img, theta, out, 1, *sp, *sp, False, tile_h, tile_w, z_per, stream, num_warps=warps
+                    img,
+                    theta,
+                    out,
+                    1,
+                    *sp,
+                    *sp,
+                    False,
+                    tile_h,
+                    tile_w,
+                    z_per,
+                    stream,
+                    **(affine_cuda.OPTIONS | {"num_warps": warps}),
                 )
 
             name = f"forward, tile {tile_h}x{tile_w}, {warps} warps"
@@ -470,7 +481,19 @@ def kernel_table(quick: bool) -> str:
 
             def loss(tile_h=tile_h, tile_w=tile_w, z_per=z_per, warps=warps, grid=grid, part=part):
                 affine_cuda._loss_kernel[grid](
-                    img, fixed, theta, part, 1, *sp, *sp, False, True, tile_h, tile_w, z_per, num_warps=warps
+                    img,
+                    fixed,
+                    theta,
+                    part,
+                    1,
+                    *sp,
+                    *sp,
+                    False,
+                    True,
+                    tile_h,
+                    tile_w,
+                    z_per,
+                    **(affine_cuda.OPTIONS | {"num_warps": warps}),
                 )
 
             name = f"fused ncc kernel, tile {tile_h}x{tile_w}, {z_per} slices, {warps} warps"

@@ -33,7 +33,7 @@ def test_kernels_in_the_triton_interpreter():
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     summary = run.stdout.strip().splitlines()[-1]
     # Every kernel test ran (only this launcher skips itself there).
-    assert re.search(r"\b16 passed, 1 skipped\b", summary), summary
+    assert re.search(r"\b20 passed, 1 skipped\b", summary), summary
 
 
 @pytest.fixture
@@ -82,6 +82,47 @@ def test_triton_warp_matches_grid_sample(kernels, padding, channels, size, out):
     torch.testing.assert_close(g_ours[1], g_ref[1], atol=1e-3, rtol=1e-4)
 
 
+@pytest.mark.parametrize("padding", ["zeros", "border"])
+def test_triton_cells_at_the_edges_of_the_image(kernels, padding):
+    # Zoomed out 1.5x (2.5x in depth) and shifted, so that along every axis the positions run from beyond the first
+    # voxel (the band before it, where only one corner is in, and further) to beyond the last (checked
+    # below on affine_grid's positions); the
+    # depth axis has the fewest voxels the kernels take, 2. Each read is clamped into the image and
+    # the corners zero padding leaves out get weight 0: values and both gradients must still be
+    # grid_sample's.
+    g = torch.Generator().manual_seed(4)
+    image = torch.rand(2, 1, 2, 7, 9, generator=g).to(DEVICE).requires_grad_()
+    theta = torch.tensor([[1.5, 0.05, 0.0, 0.1], [0.0, 1.5, 0.05, -0.2], [0.05, 0.0, 2.5, 0.15]])
+    theta = theta.expand(2, 3, 4).contiguous().to(DEVICE).requires_grad_()
+    out = (5, 9, 13)
+    grid = F.affine_grid(theta.detach(), [2, 1, *out], align_corners=False)
+    for axis, n in enumerate((9, 7, 2)):  # grid holds (x, y, z)
+        i = ((grid[..., axis] + 1) * n - 1) / 2
+        bands = [i <= -1, (i > -1) & (i < 0), (i > n - 1) & (i < n), i >= n]
+        assert all(band.any() for band in bands), f"axis {axis} misses a band"
+    ours = fast.fused_affine_warp(image, theta, out, padding)
+    ref = _reference(image, theta, out, padding)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    go = torch.randn(ours.shape, generator=g).to(DEVICE)
+    g_ours = torch.autograd.grad(ours, (image, theta), go)
+    g_ref = torch.autograd.grad(ref, (image, theta), go)
+    torch.testing.assert_close(g_ours[0], g_ref[0], atol=1e-5 * g_ref[0].abs().max().item(), rtol=1e-5)
+    torch.testing.assert_close(g_ours[1], g_ref[1], atol=1e-4, rtol=1e-4)
+
+
+def test_triton_declines_an_axis_of_one_voxel(kernels):
+    # A cell needs two voxels along each axis: a single-slice volume goes to grid_sample, and the
+    # kernel itself refuses it by name.
+    image = torch.rand(1, 1, 1, 8, 9, device=DEVICE)
+    theta = (torch.eye(3, 4) + 0.05).unsqueeze(0).to(DEVICE)
+    assert not fast.fused_available(image, "zeros")
+    assert fast.fused_available(torch.rand(1, 1, 2, 8, 9, device=DEVICE), "zeros")
+    out = stnreg.warp(image, stnreg.Affine(3, params=theta), out=(1, 8, 9))
+    torch.testing.assert_close(out, _reference(image, theta, (1, 8, 9), "zeros"))
+    with pytest.raises(ValueError, match="at least 2 voxels"):
+        kernels.forward(image, theta, (1, 8, 9), False)
+
+
 @pytest.mark.parametrize("loss", ["mse", "ncc"])
 @pytest.mark.parametrize("padding", ["zeros", "border"])
 def test_triton_fused_similarity_matches_autograd(kernels, loss, padding):
@@ -95,6 +136,30 @@ def test_triton_fused_similarity_matches_autograd(kernels, loss, padding):
     (g_ours,) = torch.autograd.grad(ours, theta)
     (g_ref,) = torch.autograd.grad(ref, theta)
     torch.testing.assert_close(g_ours, g_ref, atol=1e-5, rtol=1e-4)
+
+
+def test_triton_reducing_kernels_with_more_slices_per_program(kernels, monkeypatch):
+    # Large volumes take Z_PER_LARGE slices per program (a partial last group here: 40 slices); the
+    # sums and gradients must not change beyond float32 summation order.
+    monkeypatch.setattr(kernels, "MIN_PROGRAMS", 1)
+    assert kernels._reducing_launch((40, 5, 6), 2)[0]["Z_PER"] == kernels.Z_PER_LARGE
+    g = torch.Generator().manual_seed(5)
+    image, fixed = (
+        torch.rand(2, 1, 36, 6, 7, generator=g).to(DEVICE),
+        torch.rand(2, 1, 40, 5, 6, generator=g).to(DEVICE),
+    )
+    theta = (torch.eye(3, 4) + 0.1 * torch.randn(2, 3, 4, generator=g)).to(DEVICE).requires_grad_()
+    ours = fast.fused_affine_loss(image, fixed, theta, "ncc", "border")
+    ref = ncc_loss(_reference(image, theta, fixed.shape[2:], "border"), fixed)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        torch.autograd.grad(ours, theta)[0], torch.autograd.grad(ref, theta)[0], atol=1e-5, rtol=1e-4
+    )
+    go = torch.randn(2, 1, 40, 5, 6, generator=g).to(DEVICE)
+    warped = fast.fused_affine_warp(image, theta, (40, 5, 6), "zeros")
+    (ours,) = torch.autograd.grad(warped, theta, go)
+    (ref,) = torch.autograd.grad(_reference(image, theta, (40, 5, 6), "zeros"), theta, go)
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
 
 
 def test_warp_routes_cuda_images_to_triton_and_is_deterministic(kernels, monkeypatch):
@@ -155,7 +220,9 @@ def test_triton_forward_settings_give_the_same_bits(kernels, z_per, stream):
     ref = kernels.forward(image, theta, (7, 10, 21), False)
     out = torch.full_like(ref, float("nan"))
     grid = kernels._launch((7, 10, 21), 2, 2, 16, z_per)
-    kernels._forward_kernel[grid](image, theta, out, 2, 6, 9, 20, 7, 10, 21, False, 2, 16, z_per, stream)
+    kernels._forward_kernel[grid](
+        image, theta, out, 2, 6, 9, 20, 7, 10, 21, False, 2, 16, z_per, stream, **kernels.OPTIONS
+    )
     assert torch.equal(out, ref)
 
 

@@ -151,12 +151,15 @@ def _use_triton(image: Tensor) -> bool:
 def fused_available(image: Tensor, padding: str) -> bool:
     """Whether :func:`fused_affine_warp` and :func:`fused_affine_loss` take this image and padding.
 
-    CPU: float32/float64, 2D or 3D (numba). CUDA: float32 3D (Triton).
+    CPU: float32/float64, 2D or 3D (numba). CUDA: float32 3D with at least 2 voxels along each axis
+    (Triton; its cells always read two voxels per axis).
     """
     if os.environ.get("STNREG_FAST", "1") == "0" or padding not in ("zeros", "border"):
         return False
     if _use_triton(image):
-        return image.dim() == 5 and image.dtype == torch.float32 and _triton() is not None
+        if image.dim() != 5 or image.dtype != torch.float32 or min(image.shape[2:]) < 2:
+            return False
+        return _triton() is not None
     return fast_available(image, padding)
 
 

@@ -2,8 +2,9 @@
 
 The GPU twin of :mod:`stnreg.fast.affine_cpu` for float32 volumes. For output voxel ``p``
 (normalized lattice coordinate ``u``, ``align_corners=False``) the input position is
-``g = θ [u; 1]``, read by trilinear interpolation with zero or border padding, exactly as
-``affine_grid`` + ``grid_sample``. No grid tensor exists:
+``g = θ [u; 1]``, read by trilinear interpolation with zero or border padding, as ``affine_grid`` +
+``grid_sample`` do, to float32 rounding: θ is folded into pixel units once per program, so that a
+position costs one multiply-add per axis. No grid tensor exists:
 
 - :func:`forward` writes only the warped image;
 - :func:`backward` returns, in one pass over the output gradient ``go``, ``∂L/∂θ = Σ_p Σ_c go[c, p]
@@ -20,11 +21,20 @@ backward, so its last bits may vary between runs; :mod:`stnreg.fast` takes ``gri
 backward instead when ``torch.use_deterministic_algorithms`` is on, so that torch's own rule
 (raise or warn) applies.
 
+Every cell reads its eight corners from inside the image, clamping the cell and giving the
+corners that zero padding leaves out weight 0 (:func:`_axis`), so that no load needs a mask. One
+consequence: where a position lies outside the image, the nearest edge voxels are read with
+weight 0, so a NaN or infinite edge voxel reaches outputs that ``grid_sample`` sets to 0.
+(:func:`stnreg.register` rejects such images.)
+
 Tested on an NVIDIA H200 and, without a GPU, in Triton's interpreter (``TRITON_INTERPRET=1``,
-``tests/test_fast_cuda.py``).
+``tests/test_fast_cuda.py``); ``benchmarks/kernel_sass.py`` compiles them for a card on any machine
+and counts the machine instructions per voxel.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -32,14 +42,14 @@ import triton.language as tl
 from torch import Tensor
 
 # Each program covers a TILE_H x TILE_W patch of output slices of one batch item, so that a voxel's
-# (x, y, z) come from the program ids and two aranges: no integer division per voxel, and the
-# position θ [u; 1] is one multiply-add per voxel on top of a per-row term. The forward kernel takes
-# one slice per program; the kernels that reduce (θ gradient, fused loss) walk Z_PER slices, keeping
-# per-voxel sums in registers, so that the costly cross-thread reductions happen once per Z_PER
-# slices. Measured on an H200 (benchmarks/sampler.py --only kernels, 160x192x224): the forward
-# kernel took 90 µs with a flat block of 512 voxels (index arithmetic by division), 67 µs with 8x64
-# tiles and 54 µs with 4x128 (wider tiles were no faster); the fused NCC kernel 144-186 µs with 4 or
-# 8 slices per program and 124 µs with 16 (32 gave 113 µs but leaves small volumes few programs).
+# (x, y, z) come from the program ids and two aranges: no integer division per voxel. The forward
+# kernel takes one slice per program; the kernels that reduce (θ gradient, fused loss) walk Z_PER
+# slices, keeping per-voxel sums in registers, so that the costly cross-thread reductions happen
+# once per Z_PER slices. Measured on an H200 (benchmarks/sampler.py --only kernels, 160x192x224),
+# before the gathers were laid out one column per thread (see _position): the forward kernel took
+# 90 µs with a flat block of 512 voxels (index arithmetic by division), 67 µs with 8x64 tiles and
+# 54 µs with 4x128 (wider tiles were no faster); the fused NCC kernel 144-186 µs with 4 or 8 slices
+# per program and 124 µs with 16 (32 gave 113 µs but leaves small volumes few programs).
 TILE_H = 4
 TILE_W = 128
 NUM_WARPS = 4
@@ -48,11 +58,20 @@ NUM_WARPS = 4
 # (evict-first) stores of the output. Any setting gives the same bits: each voxel is computed alone.
 FWD_Z_PER = 1
 STREAM_OUT = False
-_TILES = {"TILE_H": TILE_H, "TILE_W": TILE_W, "Z_PER": FWD_Z_PER, "STREAM_OUT": STREAM_OUT, "num_warps": NUM_WARPS}
+# Multiply-adds fused, asked for by name: Triton 3.10 turns the default off (and 3.9 warns).
+OPTIONS = {"num_warps": NUM_WARPS, "enable_fp_fusion": True}
+_TILES = {"TILE_H": TILE_H, "TILE_W": TILE_W, "Z_PER": FWD_Z_PER, "STREAM_OUT": STREAM_OUT, **OPTIONS}
 RED_TILE_H = 4
 RED_TILE_W = 64
+# Slices per program of the reducing kernels. Each program ends with 12 to 41 sums across its block,
+# so more slices spread them over more voxels: on an H200 (160x192x224, fused NCC, 4x64 tiles, before
+# the layout change) 8 slices took 143.6 µs, 16 took 140.0 and 32 took 112.7. More slices also leave
+# fewer programs, so 32 only where that still launches MIN_PROGRAMS (four per multiprocessor of a
+# 132-multiprocessor card).
 Z_PER = 16
-_RED_TILES = {"TILE_H": RED_TILE_H, "TILE_W": RED_TILE_W, "Z_PER": Z_PER, "num_warps": NUM_WARPS}
+Z_PER_LARGE = 32
+MIN_PROGRAMS = 512
+_RED_TILES = {"TILE_H": RED_TILE_H, "TILE_W": RED_TILE_W, "Z_PER": Z_PER, **OPTIONS}
 # Σ v, Σ v², Σ v f, Σ f, Σ f² and 12 moments per weight (v - f for MSE; f, v, 1 for NCC).
 _STATS = 5
 _MOMENTS = 12
@@ -60,46 +79,89 @@ _MOMENTS = 12
 
 @triton.jit
 def _tile(oh, ow, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
-    """This program's output columns ``x`` ``(1, TILE_W)`` and rows ``y`` ``(TILE_H, 1)``, and their
-    normalized lattice coordinates ``ux``, ``uy`` (``align_corners=False``)."""
+    """This program's output columns ``x`` ``(1, TILE_W)`` and rows ``y`` ``(TILE_H, 1)``."""
     tiles_w = tl.cdiv(ow, TILE_W)
     tile = tl.program_id(0)
     x = (tile % tiles_w) * TILE_W + tl.arange(0, TILE_W)[None, :]
     y = (tile // tiles_w) * TILE_H + tl.arange(0, TILE_H)[:, None]
-    ux = (2.0 * x.to(tl.float32) + 1.0) / ow - 1.0
-    uy = (2.0 * y.to(tl.float32) + 1.0) / oh - 1.0
-    return x, y, ux, uy
+    return x, y
 
 
 @triton.jit
-def _position(theta_ptr, b, x, y, ux, uy, z, od, oh, ow, d, h, w, BORDER: tl.constexpr):
-    """For the tile's voxels in output slice ``z`` of item ``b``: flat offsets ``offs`` in the item's
-    output plane (``mask``: inside the output), pixel positions under θ ``(ix, iy, iz)``, the slice's
-    normalized coordinate ``uz``, and the positions' clip derivatives."""
+def _normalized(i, n):
+    """Normalized lattice coordinate of index ``i`` on an axis of ``n`` voxels (``align_corners=False``)."""
+    return (2.0 * i.to(tl.float32) + 1.0) / n - 1.0
+
+
+@triton.jit
+def _pixel_row(theta_ptr, b, k: tl.constexpr, n_k, od, oh, ow):
+    """Row ``k`` of θ in pixel units ``(a, b, c, t)``: input pixel coordinate ``i_k = a x + b y + c z + t``
+    of output voxel ``(x, y, z)`` (indices), for an input axis of ``n_k`` voxels. Folding both unit
+    changes (output index to normalized, normalized to input pixel) into four scalars per program
+    leaves one multiply-add per voxel and axis."""
+    th = theta_ptr + b * 12 + 4 * k
+    t0 = tl.load(th)
+    t1 = tl.load(th + 1)
+    t2 = tl.load(th + 2)
+    t3 = tl.load(th + 3)
+    s = 0.5 * n_k
+    rx = 1.0 / ow
+    ry = 1.0 / oh
+    rz = 1.0 / od
+    # u = (2 i + 1) / n - 1: the constant terms are gathered as t3 + 1 - (t0 + t1 + t2) first, which
+    # is exactly 0 for the identity, so that its positions carry no rounding from cancellation.
+    t = s * (t0 * rx + t1 * ry + t2 * rz + (t3 + 1.0 - (t0 + t1 + t2))) - 0.5
+    return 2.0 * s * t0 * rx, 2.0 * s * t1 * ry, 2.0 * s * t2 * rz, t
+
+
+@triton.jit
+def _pixel_matrix(theta_ptr, b, d, h, w, od, oh, ow):
+    """θ of item ``b`` in pixel units, its three rows (see :func:`_pixel_row`). Computed once per
+    program, before any store: the compiler cannot move θ's loads out of a loop that stores."""
+    return (
+        _pixel_row(theta_ptr, b, 0, w, od, oh, ow),
+        _pixel_row(theta_ptr, b, 1, h, od, oh, ow),
+        _pixel_row(theta_ptr, b, 2, d, od, oh, ow),
+    )
+
+
+@triton.jit
+def _clip(i, n, BORDER: tl.constexpr):
+    """Border padding's clip of pixel coordinate ``i`` into ``[0, n - 1]``, and the factor (0 or 1)
+    that its derivative takes: 0 at or past an edge, as ``grid_sample``'s clip. Zero padding: ``i``, 1."""
+    if BORDER:
+        c = tl.where((i > 0.0) & (i < n - 1.0), 1.0, 0.0)
+        return tl.minimum(tl.maximum(i, 0.0), n - 1.0), c
+    return i, tl.full(i.shape, 1.0, tl.float32)
+
+
+@triton.jit
+def _coordinate(row, xf, yf, zf):
+    """One input pixel coordinate of the tile's voxels from a row of :func:`_pixel_matrix`: the row
+    and slice term once per row, one multiply-add per voxel."""
+    a, b, c, t = row
+    return a * xf + (b * yf + (c * zf + t))
+
+
+@triton.jit
+def _position(m, x, y, z, od, oh, ow, d, h, w, BORDER: tl.constexpr):
+    """For the tile's voxels in output slice ``z``, under θ in pixel units ``m``: flat offsets ``offs``
+    in the item's output plane (``mask``: inside the output), input pixel positions ``(ix, iy, iz)``,
+    and the positions' clip factors ``(cx, cy, cz)`` (see :func:`_clip`)."""
     # Past the last slice (the reducing kernels' last group) no row is inside: oh rows become 0.
     mask = (x < ow) & (y < oh * (z < od).to(tl.int32))
-    offs = (z * oh + y) * ow + x
-    uz = (2.0 * z.to(tl.float32) + 1.0) / od - 1.0
-    th = theta_ptr + b * 12
-    # Per row (y) and slice (z) once; per voxel only the x term.
-    gx = tl.load(th + 0) * ux + (tl.load(th + 1) * uy + (tl.load(th + 2) * uz + tl.load(th + 3)))
-    gy = tl.load(th + 4) * ux + (tl.load(th + 5) * uy + (tl.load(th + 6) * uz + tl.load(th + 7)))
-    gz = tl.load(th + 8) * ux + (tl.load(th + 9) * uy + (tl.load(th + 10) * uz + tl.load(th + 11)))
-    ix = ((gx + 1.0) * w - 1.0) * 0.5
-    iy = ((gy + 1.0) * h - 1.0) * 0.5
-    iz = ((gz + 1.0) * d - 1.0) * 0.5
-    cx = tl.full(ix.shape, 1.0, tl.float32)
-    cy = cx
-    cz = cx
-    if BORDER:
-        # grid_sample's clip: the position's derivative is 0 where it was clipped (at or past an edge).
-        cx = tl.where((ix > 0.0) & (ix < w - 1.0), 1.0, 0.0)
-        cy = tl.where((iy > 0.0) & (iy < h - 1.0), 1.0, 0.0)
-        cz = tl.where((iz > 0.0) & (iz < d - 1.0), 1.0, 0.0)
-        ix = tl.minimum(tl.maximum(ix, 0.0), w - 1.0)
-        iy = tl.minimum(tl.maximum(iy, 0.0), h - 1.0)
-        iz = tl.minimum(tl.maximum(iz, 0.0), d - 1.0)
-    return offs, mask, ix, iy, iz, uz, cx, cy, cz
+    # Contiguity 1 for the compiler: otherwise it gives each thread four adjacent columns, so that
+    # the output can be stored in 16-byte pieces, and then one warp-wide gather spans 128 columns of
+    # positions instead of 32, touching about three times as many cache lines (the benchmark's θ:
+    # 12.4 against 4.2 lines per gather), for three stores saved per four voxels.
+    offs = tl.max_contiguous((z * oh + y) * ow + x, [1, 1])
+    xf = x.to(tl.float32)
+    yf = y.to(tl.float32)
+    zf = z.to(tl.float32)
+    ix, cx = _clip(_coordinate(m[0], xf, yf, zf), w, BORDER)
+    iy, cy = _clip(_coordinate(m[1], xf, yf, zf), h, BORDER)
+    iz, cz = _clip(_coordinate(m[2], xf, yf, zf), d, BORDER)
+    return offs, mask, ix, iy, iz, cx, cy, cz
 
 
 @triton.jit
@@ -109,77 +171,97 @@ def _total(x):
 
 
 @triton.jit
-def _cell(ix, iy, iz, d, h, w, mask):
-    """The trilinear cell of each position: fractions ``(tx, ty, tz)``, the two columns ``x0``,
-    ``x1``, the flat offsets of its four rows ``r[z][y]``, and per-axis in-image masks of its corners
-    (``mask`` folded into the z ones)."""
-    fx0 = tl.floor(ix)
-    fy0 = tl.floor(iy)
-    fz0 = tl.floor(iz)
-    x0 = fx0.to(tl.int32)
-    y0 = fy0.to(tl.int32)
-    z0 = fz0.to(tl.int32)
-    x1 = x0 + 1
-    y1 = y0 + 1
-    z1 = z0 + 1
-    mx0 = (x0 >= 0) & (x0 < w)
-    mx1 = (x1 >= 0) & (x1 < w)
-    my0 = (y0 >= 0) & (y0 < h)
-    my1 = (y1 >= 0) & (y1 < h)
-    mz0 = mask & (z0 >= 0) & (z0 < d)
-    mz1 = mask & (z1 >= 0) & (z1 < d)
-    r00 = (z0 * h + y0) * w
-    r01 = (z0 * h + y1) * w
-    r10 = (z1 * h + y0) * w
-    r11 = (z1 * h + y1) * w
-    return ix - fx0, iy - fy0, iz - fz0, x0, x1, r00, r01, r10, r11, mx0, mx1, my0, my1, mz0, mz1
+def _axis(i, n, BORDER: tl.constexpr):
+    """One axis of the trilinear cell of pixel coordinate ``i`` on ``n >= 2`` voxels.
+
+    Every read uses the corners ``lo = clamp(floor(i), 0, n - 2)`` and ``lo + 1``, which are inside
+    the image, so that no load needs a mask or a bounds test. With zero padding their weights are the
+    tent ``max(0, 1 - |i - k|)`` of corner ``k``: ``1 - t`` and ``t`` inside, and where the true cell
+    ``floor(i), floor(i) + 1`` pokes out of the image, the weight of the corner that is in on the
+    right one of the two and 0 on the other, which is zero padding exactly. With border padding ``i``
+    is already clipped into ``[0, n - 1]``, so the cell is inside and only ``i = n - 1`` moves it one
+    to the left. ``g0``, ``g1`` are the weights' derivatives in ``i``, on the side that
+    ``grid_sample`` takes at integers (the cell of ``floor(i)``); with border padding those of the
+    inside, the only place where the clip lets them count. Returns ``lo`` (int32), ``w0``, ``w1``,
+    ``g0``, ``g1``.
+    """
+    f = tl.floor(i)
+    if BORDER:
+        lo = tl.minimum(f, n - 2.0)
+        t = i - lo
+        # Only where i is strictly inside (0, n - 1) does the clip factor let a derivative count.
+        one = tl.full(i.shape, 1.0, tl.float32)
+        return lo.to(tl.int32), 1.0 - t, t, -one, one
+    lo = tl.minimum(tl.maximum(f, 0.0), n - 2.0)
+    t = i - lo
+    w0 = tl.maximum(1.0 - tl.abs(t), 0.0)
+    w1 = tl.maximum(1.0 - tl.abs(t - 1.0), 0.0)
+    # floor(i) - lo: 0 inside, 1 on the last voxel, -1 just before the first, further beyond.
+    shift = f - lo
+    g0 = tl.where(shift == 0.0, -1.0, tl.where(shift == -1.0, 1.0, 0.0))
+    g1 = tl.where(shift == 0.0, 1.0, tl.where(shift == 1.0, -1.0, 0.0))
+    return lo.to(tl.int32), w0, w1, g0, g1
 
 
 @triton.jit
-def _trilinear(base, ix, iy, iz, d, h, w, mask):
-    """Value and pixel-unit derivatives ``(v, ∂v/∂ix, ∂v/∂iy, ∂v/∂iz)``; corners outside read 0."""
-    tx, ty, tz, x0, x1, r00, r01, r10, r11, mx0, mx1, my0, my1, mz0, mz1 = _cell(ix, iy, iz, d, h, w, mask)
-    v000 = tl.load(base + r00 + x0, mask=mz0 & my0 & mx0, other=0.0)
-    v001 = tl.load(base + r00 + x1, mask=mz0 & my0 & mx1, other=0.0)
-    v010 = tl.load(base + r01 + x0, mask=mz0 & my1 & mx0, other=0.0)
-    v011 = tl.load(base + r01 + x1, mask=mz0 & my1 & mx1, other=0.0)
-    v100 = tl.load(base + r10 + x0, mask=mz1 & my0 & mx0, other=0.0)
-    v101 = tl.load(base + r10 + x1, mask=mz1 & my0 & mx1, other=0.0)
-    v110 = tl.load(base + r11 + x0, mask=mz1 & my1 & mx0, other=0.0)
-    v111 = tl.load(base + r11 + x1, mask=mz1 & my1 & mx1, other=0.0)
-    sx = 1.0 - tx
-    sy = 1.0 - ty
-    sz = 1.0 - tz
-    a00 = sx * v000 + tx * v001
-    a01 = sx * v010 + tx * v011
-    a10 = sx * v100 + tx * v101
-    a11 = sx * v110 + tx * v111
-    b0 = sy * a00 + ty * a01
-    b1 = sy * a10 + ty * a11
-    v = sz * b0 + tz * b1
-    dx = sz * (sy * (v001 - v000) + ty * (v011 - v010)) + tz * (sy * (v101 - v100) + ty * (v111 - v110))
-    dy = sz * (a01 - a00) + tz * (a11 - a10)
-    dz = b1 - b0
+def _rows(base, lx, ly, lz, h, w):
+    """Pointers to the corner ``(lx, ly, lz)`` of each cell and to the three rows beside it (``y + 1``,
+    ``z + 1``, both); each row's second corner is the next element."""
+    # One int32 offset per row, each added to the base once (a pointer sum is 64-bit arithmetic).
+    o00 = (lz * h + ly) * w + lx
+    o10 = o00 + h * w
+    return base + o00, base + (o00 + w), base + o10, base + (o10 + w)
+
+
+@triton.jit
+def _trilinear(base, ix, iy, iz, d, h, w, BORDER: tl.constexpr):
+    """Value and pixel-unit derivatives ``(v, ∂v/∂ix, ∂v/∂iy, ∂v/∂iz)`` at each position (border
+    padding: positions already clipped)."""
+    lx, wx0, wx1, gx0, gx1 = _axis(ix, w, BORDER)
+    ly, wy0, wy1, gy0, gy1 = _axis(iy, h, BORDER)
+    lz, wz0, wz1, gz0, gz1 = _axis(iz, d, BORDER)
+    p00, p01, p10, p11 = _rows(base, lx, ly, lz, h, w)
+    v000 = tl.load(p00)
+    v001 = tl.load(p00 + 1)
+    v010 = tl.load(p01)
+    v011 = tl.load(p01 + 1)
+    v100 = tl.load(p10)
+    v101 = tl.load(p10 + 1)
+    v110 = tl.load(p11)
+    v111 = tl.load(p11 + 1)
+    a00 = wx0 * v000 + wx1 * v001
+    a01 = wx0 * v010 + wx1 * v011
+    a10 = wx0 * v100 + wx1 * v101
+    a11 = wx0 * v110 + wx1 * v111
+    b0 = wy0 * a00 + wy1 * a01
+    b1 = wy0 * a10 + wy1 * a11
+    v = wz0 * b0 + wz1 * b1
+    e0 = wy0 * (gx0 * v000 + gx1 * v001) + wy1 * (gx0 * v010 + gx1 * v011)
+    e1 = wy0 * (gx0 * v100 + gx1 * v101) + wy1 * (gx0 * v110 + gx1 * v111)
+    dx = wz0 * e0 + wz1 * e1
+    dy = wz0 * (gy0 * a00 + gy1 * a01) + wz1 * (gy0 * a10 + gy1 * a11)
+    dz = gz0 * b0 + gz1 * b1
     return v, dx, dy, dz
 
 
 @triton.jit
-def _scatter(base, ix, iy, iz, d, h, w, mask, go):
+def _scatter(base, ix, iy, iz, d, h, w, mask, go, BORDER: tl.constexpr):
     """Add ``go`` times each corner's trilinear weight into the image gradient at ``base`` (the
-    adjoint of :func:`_trilinear`'s value); corners outside are skipped, as ``grid_sample`` does."""
-    tx, ty, tz, x0, x1, r00, r01, r10, r11, mx0, mx1, my0, my1, mz0, mz1 = _cell(ix, iy, iz, d, h, w, mask)
-    sx = 1.0 - tx
-    sy = 1.0 - ty
-    g0 = go * (1.0 - tz)
-    g1 = go * tz
-    tl.atomic_add(base + r00 + x0, g0 * sy * sx, mask=mz0 & my0 & mx0, sem="relaxed")
-    tl.atomic_add(base + r00 + x1, g0 * sy * tx, mask=mz0 & my0 & mx1, sem="relaxed")
-    tl.atomic_add(base + r01 + x0, g0 * ty * sx, mask=mz0 & my1 & mx0, sem="relaxed")
-    tl.atomic_add(base + r01 + x1, g0 * ty * tx, mask=mz0 & my1 & mx1, sem="relaxed")
-    tl.atomic_add(base + r10 + x0, g1 * sy * sx, mask=mz1 & my0 & mx0, sem="relaxed")
-    tl.atomic_add(base + r10 + x1, g1 * sy * tx, mask=mz1 & my0 & mx1, sem="relaxed")
-    tl.atomic_add(base + r11 + x0, g1 * ty * sx, mask=mz1 & my1 & mx0, sem="relaxed")
-    tl.atomic_add(base + r11 + x1, g1 * ty * tx, mask=mz1 & my1 & mx1, sem="relaxed")
+    adjoint of :func:`_trilinear`'s value); corners outside the image have weight 0 there."""
+    lx, wx0, wx1, _, _ = _axis(ix, w, BORDER)
+    ly, wy0, wy1, _, _ = _axis(iy, h, BORDER)
+    lz, wz0, wz1, _, _ = _axis(iz, d, BORDER)
+    p00, p01, p10, p11 = _rows(base, lx, ly, lz, h, w)
+    g0 = go * wz0
+    g1 = go * wz1
+    tl.atomic_add(p00, g0 * wy0 * wx0, mask=mask, sem="relaxed")
+    tl.atomic_add(p00 + 1, g0 * wy0 * wx1, mask=mask, sem="relaxed")
+    tl.atomic_add(p01, g0 * wy1 * wx0, mask=mask, sem="relaxed")
+    tl.atomic_add(p01 + 1, g0 * wy1 * wx1, mask=mask, sem="relaxed")
+    tl.atomic_add(p10, g1 * wy0 * wx0, mask=mask, sem="relaxed")
+    tl.atomic_add(p10 + 1, g1 * wy0 * wx1, mask=mask, sem="relaxed")
+    tl.atomic_add(p11, g1 * wy1 * wx0, mask=mask, sem="relaxed")
+    tl.atomic_add(p11 + 1, g1 * wy1 * wx1, mask=mask, sem="relaxed")
 
 
 @triton.jit
@@ -201,14 +283,15 @@ def _forward_kernel(
     STREAM_OUT: tl.constexpr,
 ):
     b = tl.program_id(2)
-    x, y, ux, uy = _tile(oh, ow, TILE_H, TILE_W)
+    m = _pixel_matrix(theta_ptr, b, d, h, w, od, oh, ow)
+    x, y = _tile(oh, ow, TILE_H, TILE_W)
     n_out = od * oh * ow
     for zi in range(Z_PER):
         z = tl.program_id(1) * Z_PER + zi
-        offs, mask, ix, iy, iz, _, _, _, _ = _position(theta_ptr, b, x, y, ux, uy, z, od, oh, ow, d, h, w, BORDER)
+        offs, mask, ix, iy, iz, _, _, _ = _position(m, x, y, z, od, oh, ow, d, h, w, BORDER)
         for c in range(n_c):
             plane = (b * n_c + c).to(tl.int64)
-            v, _, _, _ = _trilinear(img_ptr + plane * (d * h * w), ix, iy, iz, d, h, w, mask)
+            v, _, _, _ = _trilinear(img_ptr + plane * (d * h * w), ix, iy, iz, d, h, w, BORDER)
             if STREAM_OUT:
                 # Written once, never read here: evict-first, so that it does not push the image's
                 # lines, which neighbouring programs still read, out of L2.
@@ -269,7 +352,10 @@ def _backward_kernel(
     Z_PER: tl.constexpr,
 ):
     b = tl.program_id(2)
-    x, y, ux, uy = _tile(oh, ow, TILE_H, TILE_W)
+    m = _pixel_matrix(theta_ptr, b, d, h, w, od, oh, ow)
+    x, y = _tile(oh, ow, TILE_H, TILE_W)
+    ux = _normalized(x, ow)
+    uy = _normalized(y, oh)
     n_out = od * oh * ow
     wx = tl.zeros((TILE_H, TILE_W), tl.float32)
     wy = tl.zeros((TILE_H, TILE_W), tl.float32)
@@ -279,7 +365,8 @@ def _backward_kernel(
     wzz = tl.zeros((TILE_H, TILE_W), tl.float32)
     for zi in range(Z_PER):
         z = tl.program_id(1) * Z_PER + zi
-        offs, mask, ix, iy, iz, uz, cx, cy, cz = _position(theta_ptr, b, x, y, ux, uy, z, od, oh, ow, d, h, w, BORDER)
+        offs, mask, ix, iy, iz, cx, cy, cz = _position(m, x, y, z, od, oh, ow, d, h, w, BORDER)
+        uz = _normalized(z, od)
         gx = tl.zeros((TILE_H, TILE_W), tl.float32)
         gy = tl.zeros((TILE_H, TILE_W), tl.float32)
         gz = tl.zeros((TILE_H, TILE_W), tl.float32)
@@ -287,12 +374,13 @@ def _backward_kernel(
             plane = (b * n_c + c).to(tl.int64)
             go = tl.load(go_ptr + plane * n_out + offs, mask=mask, other=0.0)
             if THETA:
-                _, dx, dy, dz = _trilinear(img_ptr + plane * (d * h * w), ix, iy, iz, d, h, w, mask)
+                # go is 0 outside the output, so those voxels add nothing.
+                _, dx, dy, dz = _trilinear(img_ptr + plane * (d * h * w), ix, iy, iz, d, h, w, BORDER)
                 gx += go * dx
                 gy += go * dy
                 gz += go * dz
             if IMAGE:
-                _scatter(gimg_ptr + plane * (d * h * w), ix, iy, iz, d, h, w, mask, go)
+                _scatter(gimg_ptr + plane * (d * h * w), ix, iy, iz, d, h, w, mask, go, BORDER)
         if THETA:
             gx *= cx
             gy *= cy
@@ -328,7 +416,10 @@ def _loss_kernel(
     Z_PER: tl.constexpr,
 ):
     b = tl.program_id(2)
-    x, y, ux, uy = _tile(oh, ow, TILE_H, TILE_W)
+    m = _pixel_matrix(theta_ptr, b, d, h, w, od, oh, ow)
+    x, y = _tile(oh, ow, TILE_H, TILE_W)
+    ux = _normalized(x, ow)
+    uy = _normalized(y, oh)
     n_out = od * oh * ow
     s_v = tl.zeros((TILE_H, TILE_W), tl.float32)
     s_vv = tl.zeros((TILE_H, TILE_W), tl.float32)
@@ -357,11 +448,18 @@ def _loss_kernel(
     ezz = tl.zeros((TILE_H, TILE_W), tl.float32)
     for zi in range(Z_PER):
         z = tl.program_id(1) * Z_PER + zi
-        offs, mask, ix, iy, iz, uz, cx, cy, cz = _position(theta_ptr, b, x, y, ux, uy, z, od, oh, ow, d, h, w, BORDER)
+        offs, mask, ix, iy, iz, cx, cy, cz = _position(m, x, y, z, od, oh, ow, d, h, w, BORDER)
+        uz = _normalized(z, od)
+        # A voxel outside the output reads inside the image like any other: its value and (through
+        # the clip factors) its derivatives are zeroed, so that it adds nothing to any sum.
         one = tl.where(mask, 1.0, 0.0)
+        cx *= one
+        cy *= one
+        cz *= one
         for c in range(n_c):
             plane = (b * n_c + c).to(tl.int64)
-            v, dx, dy, dz = _trilinear(img_ptr + plane * (d * h * w), ix, iy, iz, d, h, w, mask)
+            v, dx, dy, dz = _trilinear(img_ptr + plane * (d * h * w), ix, iy, iz, d, h, w, BORDER)
+            v *= one
             f = tl.load(fix_ptr + plane * n_out + offs, mask=mask, other=0.0)
             s_v += v
             s_vv += v * v
@@ -404,9 +502,14 @@ def _loss_kernel(
         _store_moments(row + 29, ex, ey, ez, exz, eyz, ezz, ux, uy, d, h, w)
 
 
-def _check(img: Tensor, theta: Tensor) -> None:
+def _check(img: Tensor, theta: Tensor, out_shape: tuple[int, ...]) -> None:
     if img.dim() != 5 or img.dtype != torch.float32 or not img.is_contiguous():
         raise ValueError(f"need a contiguous float32 (N, C, D, H, W) image, got {img.dtype} {tuple(img.shape)}")
+    if min(img.shape[2:]) < 2:
+        raise ValueError(f"need at least 2 voxels along each axis of the image, got {tuple(img.shape[2:])}")
+    # Offsets within one channel are int32.
+    if max(math.prod(img.shape[2:]), math.prod(out_shape)) >= 2**31:
+        raise ValueError(f"need fewer than 2**31 voxels per channel, got {tuple(img.shape[2:])} -> {tuple(out_shape)}")
     if theta.shape != (img.shape[0], 3, 4) or theta.dtype != torch.float32 or not theta.is_contiguous():
         raise ValueError(f"need a contiguous float32 θ of shape ({img.shape[0]}, 3, 4), got {tuple(theta.shape)}")
 
@@ -417,9 +520,16 @@ def _launch(out_shape: tuple[int, ...], n: int, tile_h: int, tile_w: int, z_per:
     return triton.cdiv(oh, tile_h) * triton.cdiv(ow, tile_w), triton.cdiv(od, z_per), n
 
 
+def _reducing_launch(out_shape: tuple[int, ...], n: int) -> tuple[dict, tuple[int, int, int]]:
+    """The reducing kernels' tile constants (slices per program: see ``Z_PER_LARGE``) and grid."""
+    grid = _launch(out_shape, n, RED_TILE_H, RED_TILE_W, Z_PER_LARGE)
+    z_per = Z_PER_LARGE if math.prod(grid) >= MIN_PROGRAMS else Z_PER
+    return {**_RED_TILES, "Z_PER": z_per}, _launch(out_shape, n, RED_TILE_H, RED_TILE_W, z_per)
+
+
 def forward(img: Tensor, theta: Tensor, out_shape: tuple[int, int, int], border: bool) -> Tensor:
     """``grid_sample(img, affine_grid(theta, out_shape))``: ``(N, C, D, H, W)`` -> ``(N, C, *out_shape)``."""
-    _check(img, theta)
+    _check(img, theta, out_shape)
     n, c = img.shape[:2]
     out = torch.empty((n, c, *out_shape), dtype=img.dtype, device=img.device)
     _forward_kernel[_launch(out_shape, n, TILE_H, TILE_W, FWD_Z_PER)](
@@ -437,13 +547,13 @@ def backward(
     float32, scattered with atomic adds as ``grid_sample``'s backward does on CUDA, so its last bits
     may vary from run to run. Either is ``None`` when not asked for.
     """
-    _check(img, theta)
+    _check(img, theta, grad_out.shape[2:])
     n = img.shape[0]
-    grid = _launch(grad_out.shape[2:], n, RED_TILE_H, RED_TILE_W, Z_PER)
+    tiles, grid = _reducing_launch(grad_out.shape[2:], n)
     part = torch.empty((n, grid[0] * grid[1], _MOMENTS) if theta_grad else (1,), dtype=torch.float32, device=img.device)
     gimg = torch.zeros_like(img) if image_grad else part
     args = (img, theta, grad_out, part, gimg, img.shape[1], *img.shape[2:], *grad_out.shape[2:])
-    _backward_kernel[grid](*args, BORDER=border, THETA=theta_grad, IMAGE=image_grad, **_RED_TILES)
+    _backward_kernel[grid](*args, BORDER=border, THETA=theta_grad, IMAGE=image_grad, **tiles)
     grad_theta = part.double().sum(1).reshape(n, 3, 4) if theta_grad else None
     return grad_theta, gimg if image_grad else None
 
@@ -454,12 +564,12 @@ def loss_sums(img: Tensor, fixed: Tensor, theta: Tensor, border: bool, ncc: bool
     ``moments[:, k]`` is ``Σ w_k ∂v/∂θ`` with ``w = (v - f, 0, 0)`` for MSE and ``(f, v, 1)`` for NCC,
     the layout of :mod:`stnreg.fast.affine_cpu`'s fused loss, all float64.
     """
-    _check(img, theta)
+    _check(img, theta, fixed.shape[2:])
     n = img.shape[0]
-    grid = _launch(fixed.shape[2:], n, RED_TILE_H, RED_TILE_W, Z_PER)
+    tiles, grid = _reducing_launch(fixed.shape[2:], n)
     part = torch.zeros((n, grid[0] * grid[1], _STATS + 3 * _MOMENTS), dtype=torch.float32, device=img.device)
     args = (img, fixed, theta, part, img.shape[1], *img.shape[2:], *fixed.shape[2:])
-    _loss_kernel[grid](*args, BORDER=border, NCC=ncc, **_RED_TILES)
+    _loss_kernel[grid](*args, BORDER=border, NCC=ncc, **tiles)
     sums = part.double().sum(1)
     moments = sums[:, _STATS:].reshape(n, 3, 3, 4)
     return sums[:, :_STATS], moments

@@ -1,0 +1,58 @@
+"""The Triton kernels built for real cards on this machine, no GPU needed (stnreg.fast.cuda_compile).
+
+Triton's interpreter (tests/test_fast_cuda.py) runs the kernels' arithmetic but not the compiler:
+a kernel that it runs may still fail to compile, spill registers, or get a data layout that makes
+its gathers slow. These tests build every launch variant for an H100/H200 (sm_90) and read the
+machine code.
+"""
+
+import os
+
+import pytest
+
+pytest.importorskip("triton")
+if os.environ.get("TRITON_INTERPRET") == "1":
+    pytest.skip("the interpreter replaces the compiler", allow_module_level=True)
+
+from stnreg.fast import affine_cuda, cuda_compile
+
+
+@pytest.fixture(scope="module")
+def machines():
+    return {v.name: cuda_compile.compile_variant(v) for v in cuda_compile.variants(affine_cuda)}
+
+
+def test_every_kernel_variant_compiles_for_sm90_without_spills(machines):
+    assert len(machines) == 12
+    for name, m in machines.items():
+        assert m.local_bytes == 0, f"{name}: {m.local_bytes} bytes of local memory per thread"
+        # A gather kernel hides its memory latency with warps in flight: at least a quarter of a
+        # multiprocessor's 64 warp slots (65536 registers) must fit.
+        assert m.registers <= 65536 // (16 * 32), f"{name}: {m.registers} registers"
+
+
+def test_gathers_take_one_column_per_thread(machines):
+    # Triton lays a tile out for its widest vector access. If each thread held adjacent columns (so
+    # that the output is stored in 16-byte pieces), one warp-wide gather would span four times as
+    # many columns and touch about three times as many cache lines: every layout must hold one.
+    for name, m in machines.items():
+        assert m.size_per_thread, name
+        assert all(s[-1] == 1 for s in m.size_per_thread), f"{name}: sizePerThread {m.size_per_thread}"
+
+
+def test_forward_reads_eight_unmasked_corners_per_voxel(machines):
+    # Every cell is clamped into the image, so no read needs a predicate: θ's 12 numbers, then 8
+    # corners per voxel, and one store per voxel (one slice per program: no loop to count through).
+    for pad in ("zeros", "border"):
+        m = machines[f"forward, {pad}"]
+        loads = [op for _, op in m.instructions if "LDG" in op]
+        stores = [op for _, op in m.instructions if "STG" in op]
+        assert len(loads) == 12 + 8 * m.variant.voxels
+        assert not [op for op in loads if op.startswith("@")], "a predicated gather"
+        assert len(stores) == m.variant.voxels
+
+
+def test_forward_compiles_for_sm80():
+    forward = cuda_compile.variants(affine_cuda)[0]
+    m = cuda_compile.compile_variant(forward, arch=80)
+    assert m.local_bytes == 0 and any("LDG" in op for _, op in m.instructions)
