@@ -64,9 +64,10 @@ _TILES = {"TILE_H": TILE_H, "TILE_W": TILE_W, "Z_PER": FWD_Z_PER, "STREAM_OUT": 
 RED_TILE_H = 4
 RED_TILE_W = 64
 # Slices per program of the reducing kernels. Each program ends with 12 to 41 sums across its block,
-# so more slices spread them over more voxels: on an H200 (160x192x224, fused NCC, 4x64 tiles, before
-# the layout change) 8 slices took 143.6 µs, 16 took 140.0 and 32 took 112.7. More slices also leave
-# fewer programs, so 32 only where that still launches MIN_PROGRAMS (four per multiprocessor of a
+# so more slices spread them over more voxels: on an H200 (160x192x224, fused NCC kernel alone, 4x64
+# tiles, before the layout change) 16 slices took 124 µs and 32 took 113 in one run, and 8 took 143.6
+# against 112.7 for 32 in the committed table (sampler-cuda.md). More slices also leave fewer
+# programs, so 32 only where that still launches MIN_PROGRAMS (four per multiprocessor of a
 # 132-multiprocessor card).
 Z_PER = 16
 Z_PER_LARGE = 32
