@@ -375,6 +375,8 @@ FORWARD_VARIANTS = (
     (4, 128, 4, 4, False),
     (4, 128, 4, 8, False),
     (1, 256, 2, 4, True),
+    (8, 128, 4, 1, False),
+    (8, 128, 4, 4, False),
 )
 
 

@@ -167,8 +167,9 @@ def _position(m, x, y, z, od, oh, ow, d, h, w, BORDER: tl.constexpr):
 
 @triton.jit
 def _total(x):
-    """Sum of a ``(TILE_H, TILE_W)`` block."""
-    return tl.sum(tl.sum(x, axis=1), axis=0)
+    """Sum of a ``(TILE_H, TILE_W)`` block, as one flat reduction: summing the rows first and then
+    the column sums took two rounds across warps, about 6% of the fused NCC kernel's instructions."""
+    return tl.sum(tl.reshape(x, [x.shape[0] * x.shape[1]]), axis=0)
 
 
 @triton.jit
@@ -252,6 +253,11 @@ def _scatter(base, ix, iy, iz, d, h, w, mask, go, BORDER: tl.constexpr):
     lx, wx0, wx1, _, _ = _axis(ix, w, BORDER)
     ly, wy0, wy1, _, _ = _axis(iy, h, BORDER)
     lz, wz0, wz1, _, _ = _axis(iz, d, BORDER)
+    if not BORDER:
+        # A position beyond the band around the image has all weights 0, and its cell is clamped
+        # onto the image's faces: skipped, so that a warp that zooms out does not pile atomic adds
+        # of 0 onto the few voxels there.
+        mask &= (wx0 + wx1 > 0.0) & (wy0 + wy1 > 0.0) & (wz0 + wz1 > 0.0)
     p00, p01, p10, p11 = _rows(base, lx, ly, lz, h, w)
     g0 = go * wz0
     g1 = go * wz1
