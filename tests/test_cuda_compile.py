@@ -13,8 +13,10 @@ import pytest
 pytest.importorskip("triton")
 if os.environ.get("TRITON_INTERPRET") == "1":
     pytest.skip("the interpreter replaces the compiler", allow_module_level=True)
-
-from stnreg.fast import affine_cuda, cuda_compile
+try:
+    from stnreg.fast import affine_cuda, cuda_compile
+except ImportError as err:  # cuda_compile drives Triton's launcher internals, as of Triton 3.9
+    pytest.skip(f"this Triton cannot build kernels ahead of time here: {err}", allow_module_level=True)
 
 
 @pytest.fixture(scope="module")
