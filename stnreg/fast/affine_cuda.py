@@ -116,17 +116,6 @@ def _pixel_row(theta_ptr, b, k: tl.constexpr, n_k, od, oh, ow):
 
 
 @triton.jit
-def _pixel_matrix(theta_ptr, b, d, h, w, od, oh, ow):
-    """θ of item ``b`` in pixel units, its three rows (see :func:`_pixel_row`). Computed once per
-    program, before any store: the compiler cannot move θ's loads out of a loop that stores."""
-    return (
-        _pixel_row(theta_ptr, b, 0, w, od, oh, ow),
-        _pixel_row(theta_ptr, b, 1, h, od, oh, ow),
-        _pixel_row(theta_ptr, b, 2, d, od, oh, ow),
-    )
-
-
-@triton.jit
 def _clip(i, n, BORDER: tl.constexpr):
     """Border padding's clip of pixel coordinate ``i`` into ``[0, n - 1]``, and the factor (0 or 1)
     that its derivative takes: 0 at or past an edge, as ``grid_sample``'s clip. Zero padding: ``i``, 1."""
@@ -137,18 +126,17 @@ def _clip(i, n, BORDER: tl.constexpr):
 
 
 @triton.jit
-def _coordinate(row, xf, yf, zf):
-    """One input pixel coordinate of the tile's voxels from a row of :func:`_pixel_matrix`: the row
-    and slice term once per row, one multiply-add per voxel."""
-    a, b, c, t = row
+def _coordinate(a, b, c, t, xf, yf, zf):
+    """One input pixel coordinate of the tile's voxels (columns ``xf``, rows ``yf``, slice ``zf``)
+    from a row ``(a, b, c, t)`` of θ in pixel units (:func:`_pixel_row`)."""
     return a * xf + (b * yf + (c * zf + t))
 
 
 @triton.jit
-def _position(m, x, y, z, od, oh, ow, d, h, w, BORDER: tl.constexpr):
-    """For the tile's voxels in output slice ``z``, under θ in pixel units ``m``: flat offsets ``offs``
-    in the item's output plane (``mask``: inside the output), input pixel positions ``(ix, iy, iz)``,
-    and the positions' clip factors ``(cx, cy, cz)`` (see :func:`_clip`)."""
+def _position(ix, iy, iz, x, y, z, od, oh, ow, d, h, w, BORDER: tl.constexpr):
+    """For the tile's voxels in output slice ``z`` at input pixel positions ``(ix, iy, iz)``: flat
+    offsets ``offs`` in the item's output plane (``mask``: inside the output), the positions after
+    the padding's clip and their clip factors ``(cx, cy, cz)`` (see :func:`_clip`)."""
     # Past the last slice (the reducing kernels' last group) no row is inside: oh rows become 0.
     mask = (x < ow) & (y < oh * (z < od).to(tl.int32))
     # Contiguity 1 for the compiler: otherwise it gives each thread four adjacent columns, so that
@@ -156,12 +144,9 @@ def _position(m, x, y, z, od, oh, ow, d, h, w, BORDER: tl.constexpr):
     # positions instead of 32, touching about three times as many cache lines (the benchmark's θ:
     # 12.4 against 4.2 lines per gather), for three stores saved per four voxels.
     offs = tl.max_contiguous((z * oh + y) * ow + x, [1, 1])
-    xf = x.to(tl.float32)
-    yf = y.to(tl.float32)
-    zf = z.to(tl.float32)
-    ix, cx = _clip(_coordinate(m[0], xf, yf, zf), w, BORDER)
-    iy, cy = _clip(_coordinate(m[1], xf, yf, zf), h, BORDER)
-    iz, cz = _clip(_coordinate(m[2], xf, yf, zf), d, BORDER)
+    ix, cx = _clip(ix, w, BORDER)
+    iy, cy = _clip(iy, h, BORDER)
+    iz, cz = _clip(iz, d, BORDER)
     return offs, mask, ix, iy, iz, cx, cy, cz
 
 
@@ -290,12 +275,33 @@ def _forward_kernel(
     STREAM_OUT: tl.constexpr,
 ):
     b = tl.program_id(2)
-    m = _pixel_matrix(theta_ptr, b, d, h, w, od, oh, ow)
     x, y = _tile(oh, ow, TILE_H, TILE_W)
+    xf = x.to(tl.float32)
+    yf = y.to(tl.float32)
+    # θ in pixel units, once per program and before any store: the compiler cannot move loads out
+    # of a loop that stores (or adds atomically).
+    px0, px1, px2, px3 = _pixel_row(theta_ptr, b, 0, w, od, oh, ow)
+    py0, py1, py2, py3 = _pixel_row(theta_ptr, b, 1, h, od, oh, ow)
+    pz0, pz1, pz2, pz3 = _pixel_row(theta_ptr, b, 2, d, od, oh, ow)
     n_out = od * oh * ow
     for zi in range(Z_PER):
         z = tl.program_id(1) * Z_PER + zi
-        offs, mask, ix, iy, iz, _, _, _ = _position(m, x, y, z, od, oh, ow, d, h, w, BORDER)
+        zf = z.to(tl.float32)
+        offs, mask, ix, iy, iz, _, _, _ = _position(
+            _coordinate(px0, px1, px2, px3, xf, yf, zf),
+            _coordinate(py0, py1, py2, py3, xf, yf, zf),
+            _coordinate(pz0, pz1, pz2, pz3, xf, yf, zf),
+            x,
+            y,
+            z,
+            od,
+            oh,
+            ow,
+            d,
+            h,
+            w,
+            BORDER,
+        )
         for c in range(n_c):
             plane = (b * n_c + c).to(tl.int64)
             v, _, _, _ = _trilinear(img_ptr + plane * (d * h * w), ix, iy, iz, d, h, w, BORDER)
@@ -359,8 +365,14 @@ def _backward_kernel(
     Z_PER: tl.constexpr,
 ):
     b = tl.program_id(2)
-    m = _pixel_matrix(theta_ptr, b, d, h, w, od, oh, ow)
     x, y = _tile(oh, ow, TILE_H, TILE_W)
+    xf = x.to(tl.float32)
+    yf = y.to(tl.float32)
+    # θ in pixel units, once per program and before any store: the compiler cannot move loads out
+    # of a loop that stores (or adds atomically).
+    px0, px1, px2, px3 = _pixel_row(theta_ptr, b, 0, w, od, oh, ow)
+    py0, py1, py2, py3 = _pixel_row(theta_ptr, b, 1, h, od, oh, ow)
+    pz0, pz1, pz2, pz3 = _pixel_row(theta_ptr, b, 2, d, od, oh, ow)
     ux = _normalized(x, ow)
     uy = _normalized(y, oh)
     n_out = od * oh * ow
@@ -372,7 +384,22 @@ def _backward_kernel(
     wzz = tl.zeros((TILE_H, TILE_W), tl.float32)
     for zi in range(Z_PER):
         z = tl.program_id(1) * Z_PER + zi
-        offs, mask, ix, iy, iz, cx, cy, cz = _position(m, x, y, z, od, oh, ow, d, h, w, BORDER)
+        zf = z.to(tl.float32)
+        offs, mask, ix, iy, iz, cx, cy, cz = _position(
+            _coordinate(px0, px1, px2, px3, xf, yf, zf),
+            _coordinate(py0, py1, py2, py3, xf, yf, zf),
+            _coordinate(pz0, pz1, pz2, pz3, xf, yf, zf),
+            x,
+            y,
+            z,
+            od,
+            oh,
+            ow,
+            d,
+            h,
+            w,
+            BORDER,
+        )
         uz = _normalized(z, od)
         gx = tl.zeros((TILE_H, TILE_W), tl.float32)
         gy = tl.zeros((TILE_H, TILE_W), tl.float32)
@@ -423,8 +450,14 @@ def _loss_kernel(
     Z_PER: tl.constexpr,
 ):
     b = tl.program_id(2)
-    m = _pixel_matrix(theta_ptr, b, d, h, w, od, oh, ow)
     x, y = _tile(oh, ow, TILE_H, TILE_W)
+    xf = x.to(tl.float32)
+    yf = y.to(tl.float32)
+    # θ in pixel units, once per program and before any store: the compiler cannot move loads out
+    # of a loop that stores (or adds atomically).
+    px0, px1, px2, px3 = _pixel_row(theta_ptr, b, 0, w, od, oh, ow)
+    py0, py1, py2, py3 = _pixel_row(theta_ptr, b, 1, h, od, oh, ow)
+    pz0, pz1, pz2, pz3 = _pixel_row(theta_ptr, b, 2, d, od, oh, ow)
     ux = _normalized(x, ow)
     uy = _normalized(y, oh)
     n_out = od * oh * ow
@@ -455,7 +488,22 @@ def _loss_kernel(
     ezz = tl.zeros((TILE_H, TILE_W), tl.float32)
     for zi in range(Z_PER):
         z = tl.program_id(1) * Z_PER + zi
-        offs, mask, ix, iy, iz, cx, cy, cz = _position(m, x, y, z, od, oh, ow, d, h, w, BORDER)
+        zf = z.to(tl.float32)
+        offs, mask, ix, iy, iz, cx, cy, cz = _position(
+            _coordinate(px0, px1, px2, px3, xf, yf, zf),
+            _coordinate(py0, py1, py2, py3, xf, yf, zf),
+            _coordinate(pz0, pz1, pz2, pz3, xf, yf, zf),
+            x,
+            y,
+            z,
+            od,
+            oh,
+            ow,
+            d,
+            h,
+            w,
+            BORDER,
+        )
         uz = _normalized(z, od)
         # A voxel outside the output reads inside the image like any other: its value and (through
         # the clip factors) its derivatives are zeroed, so that it adds nothing to any sum.
