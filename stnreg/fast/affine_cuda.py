@@ -126,17 +126,24 @@ def _clip(i, n, BORDER: tl.constexpr):
 
 
 @triton.jit
-def _coordinate(a, b, c, t, xf, yf, zf):
-    """One input pixel coordinate of the tile's voxels (columns ``xf``, rows ``yf``, slice ``zf``)
-    from a row ``(a, b, c, t)`` of θ in pixel units (:func:`_pixel_row`)."""
-    return a * xf + (b * yf + (c * zf + t))
+def _tile_positions(theta_ptr, b, x, y, d, h, w, od, oh, ow):
+    """Input pixel positions ``(jx, jy, jz)`` of the tile's voxels (columns ``x``, rows ``y``) in
+    output slice 0 of item ``b``, and their steps per slice ``(sx, sy, sz)``: a voxel's position
+    then costs one multiply-add per axis. Once per program, and before any store, since the
+    compiler cannot move θ's loads out of a loop that stores (or adds atomically)."""
+    xf = x.to(tl.float32)
+    yf = y.to(tl.float32)
+    a0, a1, a2, a3 = _pixel_row(theta_ptr, b, 0, w, od, oh, ow)
+    b0, b1, b2, b3 = _pixel_row(theta_ptr, b, 1, h, od, oh, ow)
+    c0, c1, c2, c3 = _pixel_row(theta_ptr, b, 2, d, od, oh, ow)
+    return a0 * xf + (a1 * yf + a3), b0 * xf + (b1 * yf + b3), c0 * xf + (c1 * yf + c3), a2, b2, c2
 
 
 @triton.jit
-def _position(ix, iy, iz, x, y, z, od, oh, ow, d, h, w, BORDER: tl.constexpr):
-    """For the tile's voxels in output slice ``z`` at input pixel positions ``(ix, iy, iz)``: flat
-    offsets ``offs`` in the item's output plane (``mask``: inside the output), the positions after
-    the padding's clip and their clip factors ``(cx, cy, cz)`` (see :func:`_clip`)."""
+def _position(jx, jy, jz, sx, sy, sz, x, y, z, od, oh, ow, d, h, w, BORDER: tl.constexpr):
+    """For the tile's voxels in output slice ``z`` (see :func:`_tile_positions` for the rest): flat
+    offsets ``offs`` in the item's output plane (``mask``: inside the output), input pixel positions
+    ``(ix, iy, iz)`` after the padding's clip, and their clip factors ``(cx, cy, cz)`` (:func:`_clip`)."""
     # Past the last slice (the reducing kernels' last group) no row is inside: oh rows become 0.
     mask = (x < ow) & (y < oh * (z < od).to(tl.int32))
     # Contiguity 1 for the compiler: otherwise it gives each thread four adjacent columns, so that
@@ -144,9 +151,10 @@ def _position(ix, iy, iz, x, y, z, od, oh, ow, d, h, w, BORDER: tl.constexpr):
     # positions instead of 32, touching about three times as many cache lines (the benchmark's θ:
     # 12.4 against 4.2 lines per gather), for three stores saved per four voxels.
     offs = tl.max_contiguous((z * oh + y) * ow + x, [1, 1])
-    ix, cx = _clip(ix, w, BORDER)
-    iy, cy = _clip(iy, h, BORDER)
-    iz, cz = _clip(iz, d, BORDER)
+    zf = z.to(tl.float32)
+    ix, cx = _clip(jx + sx * zf, w, BORDER)
+    iy, cy = _clip(jy + sy * zf, h, BORDER)
+    iz, cz = _clip(jz + sz * zf, d, BORDER)
     return offs, mask, ix, iy, iz, cx, cy, cz
 
 
@@ -276,32 +284,11 @@ def _forward_kernel(
 ):
     b = tl.program_id(2)
     x, y = _tile(oh, ow, TILE_H, TILE_W)
-    xf = x.to(tl.float32)
-    yf = y.to(tl.float32)
-    # θ in pixel units, once per program and before any store: the compiler cannot move loads out
-    # of a loop that stores (or adds atomically).
-    px0, px1, px2, px3 = _pixel_row(theta_ptr, b, 0, w, od, oh, ow)
-    py0, py1, py2, py3 = _pixel_row(theta_ptr, b, 1, h, od, oh, ow)
-    pz0, pz1, pz2, pz3 = _pixel_row(theta_ptr, b, 2, d, od, oh, ow)
+    jx, jy, jz, sx, sy, sz = _tile_positions(theta_ptr, b, x, y, d, h, w, od, oh, ow)
     n_out = od * oh * ow
     for zi in range(Z_PER):
         z = tl.program_id(1) * Z_PER + zi
-        zf = z.to(tl.float32)
-        offs, mask, ix, iy, iz, _, _, _ = _position(
-            _coordinate(px0, px1, px2, px3, xf, yf, zf),
-            _coordinate(py0, py1, py2, py3, xf, yf, zf),
-            _coordinate(pz0, pz1, pz2, pz3, xf, yf, zf),
-            x,
-            y,
-            z,
-            od,
-            oh,
-            ow,
-            d,
-            h,
-            w,
-            BORDER,
-        )
+        offs, mask, ix, iy, iz, _, _, _ = _position(jx, jy, jz, sx, sy, sz, x, y, z, od, oh, ow, d, h, w, BORDER)
         for c in range(n_c):
             plane = (b * n_c + c).to(tl.int64)
             v, _, _, _ = _trilinear(img_ptr + plane * (d * h * w), ix, iy, iz, d, h, w, BORDER)
@@ -366,13 +353,7 @@ def _backward_kernel(
 ):
     b = tl.program_id(2)
     x, y = _tile(oh, ow, TILE_H, TILE_W)
-    xf = x.to(tl.float32)
-    yf = y.to(tl.float32)
-    # θ in pixel units, once per program and before any store: the compiler cannot move loads out
-    # of a loop that stores (or adds atomically).
-    px0, px1, px2, px3 = _pixel_row(theta_ptr, b, 0, w, od, oh, ow)
-    py0, py1, py2, py3 = _pixel_row(theta_ptr, b, 1, h, od, oh, ow)
-    pz0, pz1, pz2, pz3 = _pixel_row(theta_ptr, b, 2, d, od, oh, ow)
+    jx, jy, jz, sx, sy, sz = _tile_positions(theta_ptr, b, x, y, d, h, w, od, oh, ow)
     ux = _normalized(x, ow)
     uy = _normalized(y, oh)
     n_out = od * oh * ow
@@ -384,22 +365,7 @@ def _backward_kernel(
     wzz = tl.zeros((TILE_H, TILE_W), tl.float32)
     for zi in range(Z_PER):
         z = tl.program_id(1) * Z_PER + zi
-        zf = z.to(tl.float32)
-        offs, mask, ix, iy, iz, cx, cy, cz = _position(
-            _coordinate(px0, px1, px2, px3, xf, yf, zf),
-            _coordinate(py0, py1, py2, py3, xf, yf, zf),
-            _coordinate(pz0, pz1, pz2, pz3, xf, yf, zf),
-            x,
-            y,
-            z,
-            od,
-            oh,
-            ow,
-            d,
-            h,
-            w,
-            BORDER,
-        )
+        offs, mask, ix, iy, iz, cx, cy, cz = _position(jx, jy, jz, sx, sy, sz, x, y, z, od, oh, ow, d, h, w, BORDER)
         uz = _normalized(z, od)
         gx = tl.zeros((TILE_H, TILE_W), tl.float32)
         gy = tl.zeros((TILE_H, TILE_W), tl.float32)
@@ -451,13 +417,7 @@ def _loss_kernel(
 ):
     b = tl.program_id(2)
     x, y = _tile(oh, ow, TILE_H, TILE_W)
-    xf = x.to(tl.float32)
-    yf = y.to(tl.float32)
-    # θ in pixel units, once per program and before any store: the compiler cannot move loads out
-    # of a loop that stores (or adds atomically).
-    px0, px1, px2, px3 = _pixel_row(theta_ptr, b, 0, w, od, oh, ow)
-    py0, py1, py2, py3 = _pixel_row(theta_ptr, b, 1, h, od, oh, ow)
-    pz0, pz1, pz2, pz3 = _pixel_row(theta_ptr, b, 2, d, od, oh, ow)
+    jx, jy, jz, sx, sy, sz = _tile_positions(theta_ptr, b, x, y, d, h, w, od, oh, ow)
     ux = _normalized(x, ow)
     uy = _normalized(y, oh)
     n_out = od * oh * ow
@@ -488,22 +448,7 @@ def _loss_kernel(
     ezz = tl.zeros((TILE_H, TILE_W), tl.float32)
     for zi in range(Z_PER):
         z = tl.program_id(1) * Z_PER + zi
-        zf = z.to(tl.float32)
-        offs, mask, ix, iy, iz, cx, cy, cz = _position(
-            _coordinate(px0, px1, px2, px3, xf, yf, zf),
-            _coordinate(py0, py1, py2, py3, xf, yf, zf),
-            _coordinate(pz0, pz1, pz2, pz3, xf, yf, zf),
-            x,
-            y,
-            z,
-            od,
-            oh,
-            ow,
-            d,
-            h,
-            w,
-            BORDER,
-        )
+        offs, mask, ix, iy, iz, cx, cy, cz = _position(jx, jy, jz, sx, sy, sz, x, y, z, od, oh, ow, d, h, w, BORDER)
         uz = _normalized(z, od)
         # A voxel outside the output reads inside the image like any other: its value and (through
         # the clip factors) its derivatives are zeroed, so that it adds nothing to any sum.
