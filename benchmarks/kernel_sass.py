@@ -96,18 +96,8 @@ def lines_per_gather(layout: tuple[tuple[int, ...], tuple[int, ...]], samples: i
 def analyse(machine: cuda_compile.Machine) -> dict[str, float]:
     """The row of one compiled kernel (see the module docstring)."""
     variant = machine.variant
-    z_per = variant.constants["Z_PER"]
-    loops = []
-    for address, op in machine.instructions:
-        parts = op.split()
-        if "BRA" in op and parts[-1].startswith("0x") and int(parts[-1], 16) < address:
-            loops.append((int(parts[-1], 16), address))
-
-    def times(address: int) -> int:
-        return z_per ** sum(lo <= address <= hi for lo, hi in loops)
-
-    issued = sum(times(a) for a, op in machine.instructions if not op.startswith("NOP"))
-    loads = sum(times(a) for a, op in machine.instructions if "LDG" in op)
+    issued = cuda_compile.issued(machine)
+    loads = cuda_compile.issued(machine, lambda op: "LDG" in op)
     per_program = variant.voxels  # output voxels per thread per program
     per_voxel = issued / per_program
     voxels = torch.Size(cuda_compile.SHAPE).numel()

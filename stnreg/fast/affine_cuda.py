@@ -53,10 +53,13 @@ from torch import Tensor
 TILE_H = 4
 TILE_W = 128
 NUM_WARPS = 4
-# Not yet measured on a card (benchmarks/sampler.py --only kernels sweeps them): slices per forward
-# program, which spreads a program's fixed work (θ, tile indices) over more voxels, and streaming
-# (evict-first) stores of the output. Any setting gives the same bits: each voxel is computed alone.
-FWD_Z_PER = 1
+# Slices per forward program: four spread a program's fixed work (θ in pixel units, tile indices)
+# over more voxels, 124 -> 98 machine instructions per voxel for sm_90 (benchmarks/kernel_sass.py's
+# count; the issue floor on an H200 goes from 25.5 to 20 µs at 160x192x224, under the 23 µs of half
+# its bandwidth). Chosen by that count, not yet timed on a card: benchmarks/sampler.py --only kernels
+# times 1, 2, 4 and 8, and streaming (evict-first) stores of the output. Any setting gives the same
+# bits: each voxel is computed alone.
+FWD_Z_PER = 4
 STREAM_OUT = False
 # Multiply-adds fused, asked for by name: Triton 3.10 turns the default off (and 3.9 warns).
 OPTIONS = {"num_warps": NUM_WARPS, "enable_fp_fusion": True}

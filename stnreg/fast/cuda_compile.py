@@ -16,6 +16,7 @@ import collections
 import re
 import subprocess
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -127,6 +128,21 @@ def compile_variant(variant: Variant, arch: int = 90) -> Machine:
         int(re.search(r"LOCAL:(\d+)", usage).group(1)) + int(re.search(r"STACK:(\d+)", usage).group(1)),
         [size for size, _ in layouts.values()],
         layouts[loads.most_common(1)[0][0]],
+    )
+
+
+def issued(machine: Machine, match: Callable[[str], bool] = lambda op: not op.startswith("NOP")) -> int:
+    """Instructions that one thread of one program issues, of those for which ``match`` holds: each
+    inside a loop (a backward branch) counts once per slice of the program's ``Z_PER`` per enclosing
+    loop, the rest once; branches count as taken. The channel loop is compiled away for one channel."""
+    z_per = machine.variant.constants["Z_PER"]
+    loops = []
+    for address, op in machine.instructions:
+        target = op.split()[-1]
+        if "BRA" in op and target.startswith("0x") and int(target, 16) < address:
+            loops.append((int(target, 16), address))
+    return sum(
+        z_per ** sum(lo <= address <= hi for lo, hi in loops) for address, op in machine.instructions if match(op)
     )
 
 
