@@ -313,25 +313,24 @@ class _FusedAffineLoss(torch.autograd.Function):
             fn(n, od, _flat(img).numpy(), fix.numpy(), th.numpy(), *img.shape[2:], border, stats.numpy(), parts.numpy())
             # Slice partials summed in slice order: the same bits for any thread count.
             stats, parts = stats.sum(1), parts.sum(1)
-        s_v, s_vv, s_vf, s_f, s_ff = stats.unbind(1)
-        g_f, g_v, g_1 = parts.unbind(1)
         count = fix[0].numel()  # channels x voxels per item
+        # Means of v, v², v f, f, f² per item. Few ops on purpose: on a GPU each is a launch.
+        mv, mvv, mvf, mf, mff = (stats / count).unbind(1)
         if loss == "mse":
             # mean (v - f)^2 per item, averaged over the batch; d/dv = 2 (v - f) / (count n).
-            value = ((s_vv - 2 * s_vf + s_ff) / count).mean()
-            grad = g_f * (2.0 / (count * n))  # the kernel's Σ (v - f) ∂v/∂θ
+            value = (mvv - 2 * mvf + mff).mean()
+            grad = parts[:, 0] * (2.0 / (count * n))  # the kernel's Σ (v - f) ∂v/∂θ
         else:
-            mv, mf = s_v / count, s_f / count
-            var_v = (s_vv / count - mv * mv).clamp_min(1e-12)
-            var_f = (s_ff / count - mf * mf).clamp_min(1e-12)
+            var_v = (mvv - mv * mv).clamp_min(1e-12)
+            var_f = (mff - mf * mf).clamp_min(1e-12)
             sd = (var_v * var_f).sqrt()
-            r = (s_vf / count - mv * mf) / sd
+            r = (mvf - mv * mf) / sd
             value = (1.0 - r).mean()
-            # d(1 - r)/dv = -[(f - mf) / sd - r (v - mv) / var_v] / count, batch-averaged.
-            a = -1.0 / (sd * count * n)
-            b = r / (var_v * count * n)
-            c = (mf / sd - r * mv / var_v) / (count * n)
-            grad = a[:, None, None] * g_f + b[:, None, None] * g_v + c[:, None, None] * g_1
+            # d(1 - r)/dv = -[(f - mf) / sd - r (v - mv) / var_v] / count, batch-averaged: the
+            # coefficients of the kernel's Σ f ∂v/∂θ, Σ v ∂v/∂θ and Σ ∂v/∂θ.
+            k = 1.0 / (count * n)
+            coef = torch.stack((-k / sd, k * r / var_v, k * (mf / sd - r * mv / var_v)), 1)
+            grad = (coef[:, :, None, None] * parts).sum(1)
         ctx.save_for_backward(grad)
         ctx.theta_dtype = theta.dtype
         return value.to(image.dtype)
