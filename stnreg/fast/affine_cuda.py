@@ -13,8 +13,9 @@ position costs one multiply-add per axis. No grid tensor exists:
 - :func:`loss_sums` computes, in the same pass as the warp, the sums that MSE and NCC and their
   12-parameter gradients are made of, without writing the warped image.
 
-Each program handles a ``TILE_H x TILE_W`` patch of one output slice (forward) or of ``Z_PER``
-slices (the reducing kernels) of one batch item, and writes its partial sums to its own row; torch
+Each program handles a ``TILE_H x TILE_W`` patch of a few output slices of one batch item (one
+column per thread, see :func:`_position`), and the reducing kernels write its partial sums to its
+own row; torch
 adds the rows in float64 in a fixed order, so the warp, θ's gradient and the fused losses are
 deterministic. The image gradient is a scatter with atomic adds, as in ``grid_sample``'s CUDA
 backward, so its last bits may vary between runs; :mod:`stnreg.fast` takes ``grid_sample``'s
@@ -41,15 +42,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-# Each program covers a TILE_H x TILE_W patch of output slices of one batch item, so that a voxel's
-# (x, y, z) come from the program ids and two aranges: no integer division per voxel. The forward
-# kernel takes one slice per program; the kernels that reduce (θ gradient, fused loss) walk Z_PER
-# slices, keeping per-voxel sums in registers, so that the costly cross-thread reductions happen
-# once per Z_PER slices. Measured on an H200 (benchmarks/sampler.py --only kernels, 160x192x224),
-# before the gathers were laid out one column per thread (see _position): the forward kernel took
-# 90 µs with a flat block of 512 voxels (index arithmetic by division), 67 µs with 8x64 tiles and
-# 54 µs with 4x128 (wider tiles were no faster); the fused NCC kernel 144-186 µs with 4 or 8 slices
-# per program and 124 µs with 16 (32 gave 113 µs but leaves small volumes few programs).
+# Each program covers a TILE_H x TILE_W patch of Z_PER output slices of one batch item, so that a
+# voxel's (x, y, z) come from the program ids and two aranges: no integer division per voxel. The
+# kernels that reduce (θ gradient, fused loss) keep per-voxel sums in registers over their slices,
+# so that the costly cross-thread reductions happen once per program. Measured on an H200
+# (benchmarks/sampler.py --only kernels, 160x192x224), before the gathers were laid out one column
+# per thread (see _position): the forward kernel took 90 µs with a flat block of 512 voxels (index
+# arithmetic by division), 67 µs with 8x64 tiles and 54 µs with 4x128 (wider tiles were no faster);
+# the fused NCC kernel 144-186 µs with 4 or 8 slices per program and 124 µs with 16 (32 gave 113 µs
+# but leaves small volumes few programs).
 TILE_H = 4
 TILE_W = 128
 NUM_WARPS = 4
