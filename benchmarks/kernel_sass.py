@@ -29,6 +29,7 @@ Writes ``benchmarks/results/kernel-sass.md`` and ``.json``.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import random
@@ -39,6 +40,7 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
+import triton
 
 # Run as a script, benchmarks/ is on the path: the benchmark's θ and results folder are the sampler's.
 from sampler import RESULTS, _theta
@@ -64,6 +66,7 @@ def _module_at(revision: str) -> ModuleType:
     return module
 
 
+@functools.lru_cache
 def lines_per_gather(layout: tuple[tuple[int, ...], tuple[int, ...]], samples: int = 2000) -> float:
     """Mean distinct cache lines of one warp-wide corner gather, for tiles laid out as ``layout``
     (``sizePerThread``, ``threadsPerWarp`` over (rows, columns)) under the benchmark's θ."""
@@ -132,7 +135,7 @@ def main() -> None:
         f"# Triton kernels of the 3D affine warp, machine code for sm_{args.arch}",
         "",
         f"Benchmark volume {'x'.join(map(str, cuda_compile.SHAPE))}, one channel; built on {sys.platform} with "
-        f"triton {__import__('triton').__version__}, no GPU. "
+        f"triton {triton.__version__}, no GPU. "
         + (f"Cells read `{args.baseline} → now`." if before else "")
         + " Issue bound: an H200 model, a floor on the time, not a measurement (see kernel_sass.py).",
         "",

@@ -388,11 +388,11 @@ def kernel_table(quick: bool) -> str:
     the GPU does; the public ``stnreg.warp`` row is the whole call. Bytes are those a kernel must
     move at least: image read once and output written (forward), image and output gradient read
     (θ gradient), image and fixed image read (fused loss), and twice that when the backward also
-    scatters the image gradient. The last rows try other tile shapes,
-    warp counts, slices per program and streaming stores of the forward kernel (``FORWARD_VARIANTS``;
-    default: ``affine_cuda.TILE_H x TILE_W``, ``NUM_WARPS``, ``FWD_Z_PER`` slices, plain stores) and
-    of the fused NCC kernel alone (default: ``RED_TILE_H x RED_TILE_W``, ``Z_PER_LARGE`` slices on this volume), to show
-    whether the defaults are the card's best.
+    scatters the image gradient. The last rows try other tile shapes, warp counts, slices per
+    program and streaming stores of the forward kernel (``FORWARD_VARIANTS``; default:
+    ``affine_cuda.TILE_H x TILE_W``, ``NUM_WARPS``, ``FWD_Z_PER`` slices, plain stores) and of the
+    fused NCC kernel alone (default: ``RED_TILE_H x RED_TILE_W``, ``Z_PER_LARGE`` slices on this
+    volume), to show whether the defaults are the card's best.
     """
     from triton.testing import do_bench
 
@@ -458,20 +458,9 @@ def kernel_table(quick: bool) -> str:
 
             def launch(tile_h=tile_h, tile_w=tile_w, warps=warps, z_per=z_per, stream=stream):
                 grid = affine_cuda._launch(sp, n, tile_h, tile_w, z_per)
-                affine_cuda._forward_kernel[grid](
-                    img,
-                    theta,
-                    out,
-                    1,
-                    *sp,
-                    *sp,
-                    False,
-                    tile_h,
-                    tile_w,
-                    z_per,
-                    stream,
-                    **(affine_cuda.OPTIONS | {"num_warps": warps}),
-                )
+                options = affine_cuda.OPTIONS | {"num_warps": warps}
+                args = (img, theta, out, 1, *sp, *sp, False, tile_h, tile_w, z_per, stream)
+                affine_cuda._forward_kernel[grid](*args, **options)
 
             name = f"forward, tile {tile_h}x{tile_w}, {warps} warps"
             name += (f", {z_per} slices" if z_per > 1 else "") + (", streaming stores" if stream else "")
@@ -482,21 +471,9 @@ def kernel_table(quick: bool) -> str:
             part = torch.zeros(n, grid[0] * grid[1], width, device=img.device)
 
             def loss(tile_h=tile_h, tile_w=tile_w, z_per=z_per, warps=warps, grid=grid, part=part):
-                affine_cuda._loss_kernel[grid](
-                    img,
-                    fixed,
-                    theta,
-                    part,
-                    1,
-                    *sp,
-                    *sp,
-                    False,
-                    True,
-                    tile_h,
-                    tile_w,
-                    z_per,
-                    **(affine_cuda.OPTIONS | {"num_warps": warps}),
-                )
+                options = affine_cuda.OPTIONS | {"num_warps": warps}
+                args = (img, fixed, theta, part, 1, *sp, *sp, False, True, tile_h, tile_w, z_per)
+                affine_cuda._loss_kernel[grid](*args, **options)
 
             name = f"fused ncc kernel, tile {tile_h}x{tile_w}, {z_per} slices, {warps} warps"
             row(n, name, loss, nbytes, copy_gbps)
