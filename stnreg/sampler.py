@@ -64,7 +64,8 @@ def gaussian_blur(image: Tensor, sigma: Tensor, padding: str = "border") -> Tens
 
     Args:
         image: ``(N, C, *spatial)``.
-        sigma: ``(N, d)`` in voxels, ``(x, y, z)`` order; axes with ``sigma < 0.1`` are left alone.
+        sigma: ``(N, d)`` or ``(1, d)`` (one sigma for every item) in voxels, ``(x, y, z)`` order; axes
+            with ``sigma < 0.1`` are left alone.
             It may stay on the CPU beside a GPU image: the taps are made where ``sigma`` lives (the
             kernel radius needs its largest value on the host, a device synchronization otherwise)
             and copied over.
@@ -72,6 +73,10 @@ def gaussian_blur(image: Tensor, sigma: Tensor, padding: str = "border") -> Tens
     """
     n = image.shape[0]
     d = image.dim() - 2
+    if sigma.shape not in ((n, d), (1, d)):
+        shape = tuple(image.shape)
+        raise ValueError(f"sigma must be ({n}, {d}) or (1, {d}) for an image {shape}, got {tuple(sigma.shape)}")
+    sigma = sigma.expand(n, d)
     out = image
     for a in range(d):
         s = sigma[:, a].to(image.dtype)

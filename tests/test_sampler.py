@@ -125,3 +125,12 @@ def test_bad_input_errors():
         sample(img, grid, mode="cubic")
     with pytest.raises(ValueError, match="empty"):
         sample(torch.rand(1, 1, 0, 4), grid)
+
+
+def test_gaussian_blur_one_sigma_for_a_batch_and_bad_sigma_named():
+    img = torch.rand(3, 2, 9, 11, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    one = gaussian_blur(img, torch.tensor([[1.3, 0.7]], dtype=torch.float64))
+    each = gaussian_blur(img, torch.tensor([[1.3, 0.7]] * 3, dtype=torch.float64))
+    assert torch.equal(one, each) and not torch.allclose(one, img)
+    with pytest.raises(ValueError, match=r"sigma must be \(3, 2\) or \(1, 2\)"):
+        gaussian_blur(img, torch.ones(2, 2))
