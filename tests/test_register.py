@@ -216,7 +216,7 @@ def test_saved_transforms_reproduce_with_ants(tmp_path):
 
 @pytest.mark.parametrize("shape", [(7, 9), (5, 6, 8)])
 def test_world_moments_match_the_per_voxel_definition(shape):
-    from stnreg.register import _world_moments
+    from stnreg.register.initialize import world_moments
 
     torch.manual_seed(0)
     d = len(shape)
@@ -224,7 +224,7 @@ def test_world_moments_match_the_per_voxel_definition(shape):
     spacing = tuple(float(x) for x in torch.rand(d) + 0.5)
     grid = Grid(shape, spacing=spacing, origin=tuple(float(x) for x in torch.randn(d)), direction=q.tolist())
     img = torch.rand(1, 1, *shape)
-    centre, cov = _world_moments(img, grid)
+    centre, cov = world_moments(img, grid)
     w = img[0, 0].double().flatten()
     pts = grid.points("world", torch.float64).reshape(-1, d)
     expected = (w[:, None] * pts).sum(0) / w.sum()
@@ -233,15 +233,17 @@ def test_world_moments_match_the_per_voxel_definition(shape):
     torch.testing.assert_close(cov, (rel * w[:, None]).T @ rel / w.sum(), rtol=0, atol=1e-12)
 
 
-def test_tol_stops_a_level_once_its_best_loss_stalls():
+def test_tol_stops_an_adam_level_once_its_best_loss_stalls():
     from collections import Counter
 
-    from stnreg.register import PATIENCE
+    from stnreg.register.solvers import Adam
+
+    patience = Adam(lr=1.0).patience
 
     grid = Grid((48, 48))
     fixed = Image(smooth_image((48, 48), seed=5, dtype=torch.float32)[0], grid)
     moving = Image(torch.roll(fixed.data, 2, -1), grid)
-    stages = [Stage("affine", shrink=(2, 1), iterations=(60, 60))]
+    stages = [Stage("affine", shrink=(2, 1), iterations=(60, 60), solver="adam")]
     every = register(moving, fixed, stages, loss="mse", progress=False, device="cpu", tol=0.0)
     assert Counter(h["level"] for h in every.history) == {2: 60, 1: 60}
     stopped = register(moving, fixed, stages, loss="mse", progress=False, device="cpu", tol=1e-3)
@@ -249,10 +251,10 @@ def test_tol_stops_a_level_once_its_best_loss_stalls():
     assert min(per_level.values()) < 60, per_level
     for level, n in per_level.items():
         best = np.minimum.accumulate([h["loss"] for h in stopped.history if h["level"] == level])
-        gains = (best[:-PATIENCE] - best[PATIENCE:]) / np.abs(best[PATIENCE:])
+        gains = (best[:-patience] - best[patience:]) / np.abs(best[patience:])
         if n < 60:
-            # Stopped at the first iteration whose best loss gained less than tol over PATIENCE iterations.
-            assert np.argmax(gains < 1e-3) + PATIENCE == n - 1
+            # Stopped at the first iteration whose best loss gained less than tol over `patience` iterations.
+            assert np.argmax(gains < 1e-3) + patience == n - 1
         else:
             assert (gains >= 1e-3).all()
     with pytest.raises(ValueError, match="tol"):
@@ -279,14 +281,14 @@ def test_bspline_stage_runs_on_the_fly_with_the_same_result(monkeypatch):
 
 
 def test_bspline_regularizer_sees_coefficients_in_control_spacings():
-    from stnreg.register import _field_for_regularizer
+    from stnreg.register.parametrize import field_for_regularizer
 
     fields = []
     for mm in (1.0, 0.4):
         grid = Grid((40, 48, 56), spacing=(mm, mm, mm))
         spline = stnreg.BSpline.for_grid(grid, 8)  # 8 voxels: 8 mm, then 3.2 mm
         coef = torch.randn(1, *spline.param_shape, generator=torch.Generator().manual_seed(0)) * 8 * mm
-        fields.append(_field_for_regularizer(spline, coef))
+        fields.append(field_for_regularizer(spline, coef))
     # The same deformation in voxels gives the same bending energy at any voxel size.
     torch.testing.assert_close(fields[0], fields[1], rtol=1e-5, atol=1e-6)
     assert bending_energy(fields[0]) > 0

@@ -296,7 +296,7 @@ class _FusedAffineLoss(torch.autograd.Function):
     """Similarity of ``image`` warped by θ against ``fixed``, with ``∂/∂θ`` computed in the same pass."""
 
     @staticmethod
-    def forward(ctx, image: Tensor, fixed: Tensor, theta: Tensor, loss: str, border: bool) -> Tensor:
+    def forward(ctx, image: Tensor, fixed: Tensor, theta: Tensor, loss: str, border: bool, reduce: bool) -> Tensor:
         img = image.detach().contiguous()
         fix = fixed.detach().to(img.dtype).contiguous()
         n, od = img.shape[0], fix.shape[2]
@@ -314,35 +314,39 @@ class _FusedAffineLoss(torch.autograd.Function):
             # Slice partials summed in slice order: the same bits for any thread count.
             stats, parts = stats.sum(1), parts.sum(1)
         count = fix[0].numel()  # channels x voxels per item
+        # A batch mean divides each item's gradient by n; per-item values (reduce=False) do not.
+        n_mean = n if reduce else 1
         # Means of v, v², v f, f, f² per item. Few ops on purpose: on a GPU each is a launch.
         mv, mvv, mvf, mf, mff = (stats / count).unbind(1)
         if loss == "mse":
             # mean (v - f)^2 per item, averaged over the batch; d/dv = 2 (v - f) / (count n).
-            value = (mvv - 2 * mvf + mff).mean()
-            grad = parts[:, 0] * (2.0 / (count * n))  # the kernel's Σ (v - f) ∂v/∂θ
+            value = mvv - 2 * mvf + mff
+            grad = parts[:, 0] * (2.0 / (count * n_mean))  # the kernel's Σ (v - f) ∂v/∂θ
         else:
             var_v = (mvv - mv * mv).clamp_min(1e-12)
             var_f = (mff - mf * mf).clamp_min(1e-12)
             sd = (var_v * var_f).sqrt()
             r = (mvf - mv * mf) / sd
-            value = (1.0 - r).mean()
+            value = 1.0 - r
             # d(1 - r)/dv = -[(f - mf) / sd - r (v - mv) / var_v] / count, batch-averaged: the
             # coefficients of the kernel's Σ f ∂v/∂θ, Σ v ∂v/∂θ and Σ ∂v/∂θ.
-            k = 1.0 / (count * n)
+            k = 1.0 / (count * n_mean)
             coef = torch.stack((-k / sd, k * r / var_v, k * (mf / sd - r * mv / var_v)), 1)
             grad = (coef[:, :, None, None] * parts).sum(1)
         ctx.save_for_backward(grad)
         ctx.theta_dtype = theta.dtype
-        return value.to(image.dtype)
+        return (value.mean() if reduce else value).to(image.dtype)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         (grad,) = ctx.saved_tensors
-        return None, None, (grad * grad_out.double()).to(ctx.theta_dtype), None, None
+        # grad_out is a scalar (batch mean) or (N,) (per item): either way one factor per item.
+        scaled = grad * grad_out.double().reshape(-1, 1, 1)
+        return None, None, scaled.to(ctx.theta_dtype), None, None, None
 
 
 def fused_affine_loss(
-    image: Tensor, fixed: Tensor, theta: Tensor, loss: str = "mse", padding: str = "border"
+    image: Tensor, fixed: Tensor, theta: Tensor, loss: str = "mse", padding: str = "border", reduce: bool = True
 ) -> Tensor:
     """``mse_loss`` or ``ncc_loss`` of ``image`` warped by θ against ``fixed``, without a grid or a warped image.
 
@@ -353,6 +357,7 @@ def fused_affine_loss(
         fixed: ``(N, C, D', H', W')`` fixed image; its shape is the output lattice.
         theta: ``(N, 3, 4)`` output-normalized -> input-normalized map (``affine_grid``'s θ).
         loss: ``"mse"`` or ``"ncc"`` (``1 - NCC``, averaged over the batch, as :mod:`stnreg.losses`).
+        reduce: ``False`` returns the ``(N,)`` per-item values instead of their mean.
     """
     if loss not in ("mse", "ncc"):
         raise ValueError(f"fused losses are 'mse' and 'ncc', got {loss!r}")
@@ -364,7 +369,7 @@ def fused_affine_loss(
         raise ValueError("fused_affine_loss returns no image gradient; detach the image or use warp()")
     n = check_batch(image.shape[0], theta.shape[0], "image and transform")
     theta = theta.expand(n, *theta.shape[1:]) if theta.shape[0] != n else theta
-    return _FusedAffineLoss.apply(image, fixed, theta, loss, padding == "border")
+    return _FusedAffineLoss.apply(image, fixed, theta, loss, padding == "border", reduce)
 
 
 class _FusedBSpline(torch.autograd.Function):

@@ -89,7 +89,9 @@ def register_with_model(
         A :class:`~stnreg.register.RegistrationResult` (world-space transform, fixed grid),
         ``timings`` with ``inference_s`` and ``refine_s``.
     """
-    from ..register import RegistrationResult, _load, _load_labels
+    from ..register import RegistrationResult
+    from ..register.problem import load_image as _load
+    from ..register.problem import load_labels as _load_labels
 
     t0 = time.perf_counter()
     task = model if isinstance(model, RegistrationTask) else load_task(model)

@@ -31,21 +31,27 @@ def _weighted_mean(x: Tensor, mask: Tensor | None) -> Tensor:
     return (x * w).flatten(1).sum(1) / w.flatten(1).sum(1).clamp_min(1e-8)
 
 
-def mse_loss(a: Tensor, b: Tensor, mask: Tensor | None = None) -> Tensor:
-    """Mean squared difference."""
+def _reduce(per_item: Tensor, reduce: bool) -> Tensor:
+    """The batch mean, or the ``(N,)`` per-item values (for solvers that treat each pair on its own)."""
+    return per_item.mean() if reduce else per_item
+
+
+def mse_loss(a: Tensor, b: Tensor, mask: Tensor | None = None, reduce: bool = True) -> Tensor:
+    """Mean squared difference; ``reduce=False``: ``(N,)`` per item."""
     _check_pair(a, b)
-    return _weighted_mean((a - b).square(), mask).mean()
+    return _reduce(_weighted_mean((a - b).square(), mask), reduce)
 
 
-def ncc_loss(a: Tensor, b: Tensor, mask: Tensor | None = None, eps: float = 1e-12) -> Tensor:
-    """``1 - NCC`` with the global normalized cross-correlation over each image (in [0, 2])."""
+def ncc_loss(a: Tensor, b: Tensor, mask: Tensor | None = None, eps: float = 1e-12, reduce: bool = True) -> Tensor:
+    """``1 - NCC`` with the global normalized cross-correlation over each image (in [0, 2]); ``reduce=False``:
+    ``(N,)`` per item."""
     _check_pair(a, b)
     ma, mb = _weighted_mean(a, mask), _weighted_mean(b, mask)
     shape = (-1,) + (1,) * (a.dim() - 1)
     da, db = a - ma.view(shape), b - mb.view(shape)
     cov = _weighted_mean(da * db, mask)
     var = _weighted_mean(da.square(), mask) * _weighted_mean(db.square(), mask)
-    return (1 - cov / var.clamp_min(eps).sqrt()).mean()
+    return _reduce(1 - cov / var.clamp_min(eps).sqrt(), reduce)
 
 
 def _box_filter(x: Tensor, window: Sequence[int]) -> Tensor:
@@ -69,7 +75,12 @@ def _box_filter(x: Tensor, window: Sequence[int]) -> Tensor:
 
 
 def lncc_loss(
-    a: Tensor, b: Tensor, window: int | Sequence[int] = 9, mask: Tensor | None = None, eps: float = 1e-8
+    a: Tensor,
+    b: Tensor,
+    window: int | Sequence[int] = 9,
+    mask: Tensor | None = None,
+    eps: float = 1e-8,
+    reduce: bool = True,
 ) -> Tensor:
     """``1 - mean(cc)`` with the squared local correlation ``cc`` in a moving window (VoxelMorph's LNCC).
 
@@ -77,13 +88,15 @@ def lncc_loss(
         window: odd window size in voxels, one value or one per axis (array order).
         eps: added to the product of the local variances (of window means, so ``1e-8`` here is
             about VoxelMorph's ``1e-5`` on window sums); flat windows contribute ``cc = 0``.
+        reduce: ``False`` returns ``(N,)`` per item (the torch path).
     """
     _check_pair(a, b)
     d = a.dim() - 2
     win = [int(window)] * d if isinstance(window, int) else [int(w) for w in window]
     win = [w if w % 2 else w + 1 for w in win]
     if (
-        d == 3
+        reduce
+        and d == 3
         and a.device.type == "cpu"
         and not b.requires_grad
         and (mask is None or not mask.requires_grad)
@@ -99,7 +112,7 @@ def lncc_loss(
     var_a = (aa - ma * ma).clamp_min(0)
     var_b = (bb - mb * mb).clamp_min(0)
     cc = (cross.square() / (var_a * var_b + eps)).clamp(max=1.0)
-    return (1 - _weighted_mean(cc, mask)).mean()
+    return _reduce(1 - _weighted_mean(cc, mask), reduce)
 
 
 def mi_loss(
@@ -109,6 +122,7 @@ def mi_loss(
     mask: Tensor | None = None,
     samples: int | None = 65536,
     generator: torch.Generator | None = None,
+    reduce: bool = True,
 ) -> Tensor:
     """Negative mutual information with cubic B-spline Parzen windows, differentiable in both images.
 
@@ -116,6 +130,7 @@ def mi_loss(
     are averaged. ``samples`` random voxels per call (all when ``None`` or when the image is
     smaller) are scored, as ITK's Mattes MI does; each costs 16 histogram entries (see
     :mod:`stnreg.losses.parzen`), so memory is ``O(16 * samples)`` whatever ``bins`` is.
+    ``reduce=False`` returns ``(N,)`` per item.
     """
     _check_pair(a, b)
     n = a.shape[0]
@@ -125,13 +140,14 @@ def mi_loss(
         idx = torch.randint(0, fa.shape[1], (samples,), device=a.device, generator=generator)
         fa, fb = fa[:, idx], fb[:, idx]
         w = None if w is None else w[:, idx]
-    return -parzen_mutual_information(fa, fb, bins, w).mean()
+    return _reduce(-parzen_mutual_information(fa, fb, bins, w), reduce)
 
 
-def dice_loss(a: Tensor, b: Tensor, mask: Tensor | None = None, eps: float = 1e-5) -> Tensor:
-    """``1 - mean soft Dice`` over channels; ``a`` and ``b`` are ``(N, L, *spatial)`` label probabilities."""
+def dice_loss(a: Tensor, b: Tensor, mask: Tensor | None = None, eps: float = 1e-5, reduce: bool = True) -> Tensor:
+    """``1 - mean soft Dice`` over channels; ``a`` and ``b`` are ``(N, L, *spatial)`` label probabilities.
+    ``reduce=False``: ``(N,)`` per item."""
     _check_pair(a, b)
     w = 1.0 if mask is None else mask
     inter = (a * b * w).flatten(2).sum(-1)
     total = ((a + b) * w).flatten(2).sum(-1)
-    return (1 - (2 * inter + eps) / (total + eps)).mean()
+    return _reduce((1 - (2 * inter + eps) / (total + eps)).mean(1), reduce)

@@ -1,0 +1,69 @@
+"""What a registration returns: :class:`RegistrationResult` (transform, warped image, settings, metrics)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..image import Image
+from ..transforms.base import Transform
+from ..transforms.matrix import MatrixTransform
+
+__all__ = ["RegistrationResult"]
+
+
+@dataclass
+class RegistrationResult:
+    """What :func:`register` returns. The transform maps fixed world points to moving world points."""
+
+    warped: Image
+    transform: Transform
+    matrix: MatrixTransform | None
+    deformable: Transform | None
+    fixed: Image
+    moving: Image
+    settings: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    label_maps: tuple[Image | None, Image | None, list[int]] = (None, None, [])
+    _metrics: dict[str, Any] | None = field(default=None, repr=False)
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        """Similarity before/after, Dice and HD95 when ``label_maps`` are given, Jacobian statistics.
+
+        Computed on first access (seconds on a 3D brain), so a registration that nobody scores does
+        not pay for it; see :func:`stnreg.report.evaluate`.
+        """
+        if self._metrics is None:
+            from ..report import evaluate
+
+            self._metrics = evaluate(self, *self.label_maps)
+        return self._metrics
+
+    def displacement(self) -> Tensor:
+        """Total displacement ``T(x) - x`` ``(d, *fixed_shape)`` in mm, ``(x, y, z)`` components."""
+        with torch.no_grad():
+            pts = self.fixed.grid.points("world", torch.float64)
+            mapped = self.transform.mapped_lattice(self.fixed.grid).double()[0]
+            return torch.movedim(mapped - pts, -1, 0).float()
+
+    def deformable_displacement(self) -> Tensor | None:
+        """Displacement of the deformable stage alone ``(d, *fixed_shape)`` in mm, or ``None``."""
+        if self.deformable is None:
+            return None
+        with torch.no_grad():
+            pts = self.fixed.grid.points("world", torch.float64)
+            mapped = self.deformable.mapped_lattice(self.fixed.grid).double()[0]
+            return torch.movedim(mapped - pts, -1, 0).float()
+
+    def save(self, out_dir: str | os.PathLike, protect: Sequence[str | os.PathLike] = (), suffix: str | None = None):
+        """Write warped image, transform files, report and QC figure; see :func:`stnreg.report.save_result`."""
+        from ..report import save_result
+
+        return save_result(self, out_dir, protect=protect, suffix=suffix)
