@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..fields import jacobian_determinant
-from ..losses import REGULARIZERS, SIMILARITIES, dice_loss
+from ..losses import RegistrationLoss
 from ..sampler import sample
 from ..transforms.base import Transform
 from ..transforms.matrix import Affine, rotation_matrix
@@ -89,11 +89,7 @@ class RegistrationTask(L.LightningModule):
         input_shape: list[int] | None = None,
     ) -> None:
         super().__init__()
-        if similarity not in SIMILARITIES:
-            raise ValueError(f"similarity must be one of {', '.join(SIMILARITIES)}, got {similarity!r}")
-        for name in regularization or {}:
-            if name not in REGULARIZERS:
-                raise ValueError(f"unknown regularizer {name!r}; choose from {', '.join(REGULARIZERS)}")
+        RegistrationLoss(similarity, window, regularization=dict(regularization or {}))  # validates the names
         self.save_hyperparameters()
         net: dict[str, Any] = {"ndim": ndim, "stages": stages or ["svf"], "in_channels": in_channels}
         for key, value in (
@@ -113,6 +109,8 @@ class RegistrationTask(L.LightningModule):
             loc_pool=loc_pool,
         )
         self.regularization = {"diffusion": 1.0} if regularization is None else dict(regularization)
+        # The same loss definition as instance optimization (stnreg.register) uses.
+        self.loss = RegistrationLoss(similarity, window, regularization=self.regularization, dice_weight=dice_weight)
 
     def forward(self, moving: Tensor, fixed: Tensor) -> RegistrationOutput:
         return self.net(moving, fixed)
@@ -127,20 +125,12 @@ class RegistrationTask(L.LightningModule):
     ) -> dict[str, Tensor]:
         """Loss terms and their sum ``"loss"`` for a network (or refined) output."""
         h = self.hparams
-        sim = SIMILARITIES[h.similarity]
-        kwargs = {"window": h.window} if h.similarity == "lncc" else {}
-        terms = {"similarity": sim(out.warped, fixed, **kwargs)}
-        for k, family in enumerate(self.net.stages):
-            if family not in DENSE:
-                continue
-            for name, w in self.regularization.items():
-                if w:
-                    terms[f"{name}_{k}"] = w * REGULARIZERS[name](out.raw[k])
+        fields = [out.raw[k] if family in DENSE else None for k, family in enumerate(self.net.stages)]
+        warped_labels = None
         if h.dice_weight and moving_labels is not None and fixed_labels is not None:
             warped_labels = self.net.warp(moving_labels.float(), out.transform)
-            terms["dice"] = h.dice_weight * dice_loss(warped_labels, fixed_labels.float())
-        terms["loss"] = sum(terms.values())
-        return terms
+        labels = None if fixed_labels is None else fixed_labels.float()
+        return self.loss(out.warped, fixed, fields, warped_labels, labels)
 
     def _augment(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         h = self.hparams

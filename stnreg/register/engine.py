@@ -383,9 +383,9 @@ class _Run:
             level = SynLevel(fgrid_l, mgrid_l, matrix, p.device)
             d, shape = fgrid_l.ndim, fgrid_l.shape
             if x is None:
-                x = torch.zeros(p.n, 2, d, *shape, device=p.device)
+                x = torch.zeros(p.n, 3, d, *shape, device=p.device)
             else:
-                x = upsample(x.flatten(1, 2), shape).reshape(p.n, 2, d, *shape)
+                x = upsample(x.flatten(1, 2), shape).reshape(p.n, 3, d, *shape)
             solver = SymmetricGreedy(
                 level, m_l, f_l, self.loss, p.level("mask", factor), stage.lr, stage.smooth, stage.smooth_total,
                 stage.tol,

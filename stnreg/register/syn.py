@@ -8,8 +8,11 @@ similarity's gradient with respect to both fields, smooths it with a Gaussian (`
 "flow sigma", in voxels), scales it so that its largest vector is ``lr`` voxels long, and composes
 it into each field (``φ <- φ ∘ (id + step)``, greedy composition), then smooths each total field
 (``smooth_total``). Levels run coarse to fine; a field carries to the next level by linear
-interpolation (mm values as they are). The result is ``φ_m ∘ φ_f⁻¹`` (``φ_f`` inverted by a
-fixed-point iteration), a displacement on the finest level's grid: ``T = A ∘ (id + d)``.
+interpolation (mm values as they are). ``φ_f⁻¹`` is kept up to date beside ``φ_f``, as ANTs keeps
+its inverse fields: each update's inverse (to second order, ``-s(x - s(x))``) composed on the
+left. The result is ``φ_m ∘ φ_f⁻¹``, a displacement on the finest level's grid:
+``T = A ∘ (id + d)``. (Inverting ``φ_f`` only at the end by the fixed-point iteration
+``v <- -u(x + v)`` fails where ``u_f`` is large: 6.9 mm residual on a prostate pair, 1.6% folding.)
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from ..sampler import gaussian_blur, sample
 from ..transforms.dense import Displacement
 from .solvers import Callback, Solution
 
-__all__ = ["SymmetricGreedy", "SynLevel", "invert_displacement"]
+__all__ = ["SymmetricGreedy", "SynLevel", "result_displacement", "upsample"]
 
 
 class SynLevel:
@@ -67,19 +70,11 @@ class SynLevel:
         return step + moved
 
 
-def invert_displacement(level: SynLevel, u: Tensor, iterations: int = 20) -> Tensor:
-    """``v`` with ``(id + u) ∘ (id + v) = id`` on the level's lattice, by ``v <- -u(x + v)``; ``(N, d, *shape)`` mm."""
-    v = -u
-    for _ in range(iterations):
-        v = -sample(u, level.fixed_coords(v), "linear", "border")
-    return v
-
-
 @dataclass
 class SymmetricGreedy:
     """The greedy symmetric update (see the module docstring) behind the solvers' ``minimize`` protocol.
 
-    ``x`` is ``(N, 2, d, *shape)``: ``u_f`` and ``u_m`` in mm. ``objective`` is not called: the
+    ``x`` is ``(N, 3, d, *shape)``: ``u_f``, ``u_m`` and ``w_f`` (``φ_f⁻¹ - id``) in mm. ``objective`` is not called: the
     update needs both warped images, which :meth:`images` makes from the level and the images.
     Stops once the best batch-mean loss gained less than ``tol`` (relative) over ``patience``
     iterations, ANTs' convergence window on the metric.
@@ -104,7 +99,7 @@ class SymmetricGreedy:
         stop: Callable[[Tensor, Tensor], Tensor] | None = None,
         callbacks: Sequence[Callback] = (),
     ) -> Solution:
-        u_f, u_m = x0[:, 0].clone(), x0[:, 1].clone()
+        u_f, u_m, w_f = x0[:, 0].clone(), x0[:, 1].clone(), x0[:, 2].clone()
         d = u_f.shape[1]
         n = u_f.shape[0]
         bests: list[float] = []
@@ -121,9 +116,12 @@ class SymmetricGreedy:
                 steps.append(-g * (self.lr * self.level.voxel / longest).view(n, *[1] * (d + 1)))
             u_f = self.level.compose(u_f, steps[0])
             u_m = self.level.compose(u_m, steps[1])
+            # φ_f⁻¹ <- (id + s)⁻¹ ∘ φ_f⁻¹, with (id + s)⁻¹ ≈ id - s(x - s(x)).
+            inv_step = -sample(steps[0], self.level.fixed_coords(-steps[0]), "linear", "border")
+            w_f = w_f + sample(inv_step, self.level.fixed_coords(w_f), "linear", "border")
             if self.smooth_total:
                 sigma = torch.full((1, d), float(self.smooth_total))
-                u_f, u_m = gaussian_blur(u_f, sigma, "border"), gaussian_blur(u_m, sigma, "border")
+                u_f, u_m, w_f = (gaussian_blur(u, sigma, "border") for u in (u_f, u_m, w_f))
             for cb in callbacks:
                 cb(it, losses)
             v = float(losses.mean())
@@ -131,7 +129,7 @@ class SymmetricGreedy:
             if len(bests) > self.patience and bests[-self.patience - 1] - bests[-1] < self.tol * abs(bests[-1]):
                 converged = True
                 break
-        return Solution(torch.stack([u_f, u_m], 1), it, it, torch.full((n,), converged, dtype=torch.bool))
+        return Solution(torch.stack([u_f, u_m, w_f], 1), it, it, torch.full((n,), converged, dtype=torch.bool))
 
     def _gradients(self, u_f: Tensor, u_m: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Per-pair losses ``(N,)`` and the gradients with respect to ``u_f`` and ``u_m``."""
@@ -161,8 +159,7 @@ def upsample(u: Tensor, shape: Sequence[int]) -> Tensor:
 
 def result_displacement(level: SynLevel, x: Tensor) -> Displacement:
     """``φ_m ∘ φ_f⁻¹ - id`` as a world-space :class:`Displacement` on the level's grid."""
-    u_f, u_m = x[:, 0], x[:, 1]
-    v = invert_displacement(level, u_f)
+    u_m, v = x[:, 1], x[:, 2]
     total = v + sample(u_m, level.fixed_coords(v), "linear", "border")
     g = level.grid
     return Displacement(g.shape, domain=g.world_to_normalized(), params=total.detach())
