@@ -74,8 +74,8 @@ class SynLevel:
 class SymmetricGreedy:
     """The greedy symmetric update (see the module docstring) behind the solvers' ``minimize`` protocol.
 
-    ``x`` is ``(N, 3, d, *shape)``: ``u_f``, ``u_m`` and ``w_f`` (``φ_f⁻¹ - id``) in mm. ``objective`` is not called: the
-    update needs both warped images, which :meth:`images` makes from the level and the images.
+    ``x`` is ``(N, 3, d, *shape)``: ``u_f``, ``u_m`` and ``w_f`` (``φ_f⁻¹ - id``) in mm. ``objective``
+    is not called: the update needs both warped images, which the level makes from the images.
     Stops once the best batch-mean loss gained less than ``tol`` (relative) over ``patience``
     iterations, ANTs' convergence window on the metric.
     """
