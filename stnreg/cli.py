@@ -145,9 +145,23 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("moving", nargs="?")
     reg.add_argument("fixed", nargs="?")
     reg.add_argument("-o", "--output", required=True, help="output folder")
-    reg.add_argument("--transform", default="rigid+affine+svf", help="'+'-joined stages, e.g. affine, affine+bspline")
-    reg.add_argument("--loss", default="lncc", choices=["mse", "ncc", "lncc", "mi"])
-    reg.add_argument("--window", type=float, default=7, help="LNCC window (voxels, or mm with --window-mm)")
+    reg.add_argument(
+        "--transform",
+        default="rigid+affine+svf",
+        help="'+'-joined stages (default: %(default)s). Matrix families (translation, rigid, similarity, affine, "
+        "projective) run L-BFGS to convergence on a global NCC (MI with --loss mi); deformable families (last, "
+        "at most one): svf, displacement, bspline, tps (Adam on a regularized parametric field), syn (symmetric "
+        "greedy diffeomorphic updates with Gaussian-smoothed steps, as ANTs SyN)",
+    )
+    reg.add_argument(
+        "--loss",
+        default="lncc",
+        choices=["mse", "ncc", "lncc", "mi"],
+        help="similarity of the deformable stage (default: %(default)s); matrix stages use ncc for lncc",
+    )
+    reg.add_argument(
+        "--window", type=float, default=9, help="LNCC window (voxels, or mm with --window-mm; default: %(default)s)"
+    )
     reg.add_argument("--window-mm", action="store_true")
     reg.add_argument("--labels", nargs=2, metavar=("MOVING_LABELS", "FIXED_LABELS"))
     reg.add_argument("--dice-weight", type=float, default=0.0, help="weight of a Dice loss on --labels")
@@ -156,8 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument(
         "--tol",
         type=float,
-        default=1e-3,
-        help="stop a level when 10 iterations gain less than this (relative); 0: never",
+        default=None,
+        help="convergence of every stage (default: each stage's own): matrix stages stop once an update moves "
+        "no point by more than TOL voxels (default 0.001); svf/bspline/tps/syn levels once the best loss "
+        "gained less than TOL (relative, default 0.001) over 10 iterations; 0 runs every level to its cap",
     )
     reg.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     reg.add_argument("--model", help="a trained registration checkpoint (stnreg fit): one forward pass")

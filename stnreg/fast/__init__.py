@@ -296,7 +296,9 @@ class _FusedAffineLoss(torch.autograd.Function):
     """Similarity of ``image`` warped by θ against ``fixed``, with ``∂/∂θ`` computed in the same pass."""
 
     @staticmethod
-    def forward(ctx, image: Tensor, fixed: Tensor, theta: Tensor, loss: str, border: bool, reduce: bool) -> Tensor:
+    def forward(
+        ctx, image: Tensor, fixed: Tensor, theta: Tensor, loss: str, border: bool, reduce: bool, overlap: bool
+    ) -> Tensor:
         img = image.detach().contiguous()
         fix = fixed.detach().to(img.dtype).contiguous()
         n, od = img.shape[0], fix.shape[2]
@@ -304,20 +306,25 @@ class _FusedAffineLoss(torch.autograd.Function):
             th = theta.detach().float().contiguous()
             _check_finite(th)
             stats, parts = _triton().loss_sums(img, fix, th, border, loss == "ncc")
+            count = torch.full((n, 1), float(fix[0].numel()), dtype=stats.dtype, device=stats.device)
         else:
             th = theta.detach().to(torch.float64).contiguous()
             _check_finite(th)
-            stats = torch.zeros((n, od, 5), dtype=torch.float64)
+            stats = torch.zeros((n, od, 6), dtype=torch.float64)
             parts = torch.zeros((n, od, 3, 3, 4), dtype=torch.float64)
-            fn = _kernel("affine3d_mse" if loss == "mse" else "affine3d_ncc")
+            fn = _kernel(f"affine3d_{loss}{'_overlap' if overlap else ''}")
             fn(n, od, _flat(img).numpy(), fix.numpy(), th.numpy(), *img.shape[2:], border, stats.numpy(), parts.numpy())
             # Slice partials summed in slice order: the same bits for any thread count.
             stats, parts = stats.sum(1), parts.sum(1)
-        count = fix[0].numel()  # channels x voxels per item
+            stats, count = stats[:, :5], stats[:, 5:]
+            if overlap and bool((count == 0).any()):
+                raise ValueError("no fixed voxel maps inside the moving image: the images do not overlap")
+        # Channels x voxels per item that count: all of them, or those mapped inside (overlap).
         # A batch mean divides each item's gradient by n; per-item values (reduce=False) do not.
         n_mean = n if reduce else 1
         # Means of v, v², v f, f, f² per item. Few ops on purpose: on a GPU each is a launch.
         mv, mvv, mvf, mf, mff = (stats / count).unbind(1)
+        count = count.reshape(n, 1, 1)
         if loss == "mse":
             # mean (v - f)^2 per item, averaged over the batch; d/dv = 2 (v - f) / (count n).
             value = mvv - 2 * mvf + mff
@@ -330,7 +337,7 @@ class _FusedAffineLoss(torch.autograd.Function):
             value = 1.0 - r
             # d(1 - r)/dv = -[(f - mf) / sd - r (v - mv) / var_v] / count, batch-averaged: the
             # coefficients of the kernel's Σ f ∂v/∂θ, Σ v ∂v/∂θ and Σ ∂v/∂θ.
-            k = 1.0 / (count * n_mean)
+            k = 1.0 / (count.reshape(n) * n_mean)
             coef = torch.stack((-k / sd, k * r / var_v, k * (mf / sd - r * mv / var_v)), 1)
             grad = (coef[:, :, None, None] * parts).sum(1)
         ctx.save_for_backward(grad)
@@ -342,11 +349,17 @@ class _FusedAffineLoss(torch.autograd.Function):
         (grad,) = ctx.saved_tensors
         # grad_out is a scalar (batch mean) or (N,) (per item): either way one factor per item.
         scaled = grad * grad_out.double().reshape(-1, 1, 1)
-        return None, None, scaled.to(ctx.theta_dtype), None, None, None
+        return None, None, scaled.to(ctx.theta_dtype), None, None, None, None
 
 
 def fused_affine_loss(
-    image: Tensor, fixed: Tensor, theta: Tensor, loss: str = "mse", padding: str = "border", reduce: bool = True
+    image: Tensor,
+    fixed: Tensor,
+    theta: Tensor,
+    loss: str = "mse",
+    padding: str = "border",
+    reduce: bool = True,
+    overlap: bool = False,
 ) -> Tensor:
     """``mse_loss`` or ``ncc_loss`` of ``image`` warped by θ against ``fixed``, without a grid or a warped image.
 
@@ -358,6 +371,8 @@ def fused_affine_loss(
         theta: ``(N, 3, 4)`` output-normalized -> input-normalized map (``affine_grid``'s θ).
         loss: ``"mse"`` or ``"ncc"`` (``1 - NCC``, averaged over the batch, as :mod:`stnreg.losses`).
         reduce: ``False`` returns the ``(N,)`` per-item values instead of their mean.
+        overlap: score only the fixed voxels whose trilinear cell lies inside the moving image (ITK's
+            rule; CPU kernels only: see :func:`fused_available`).
     """
     if loss not in ("mse", "ncc"):
         raise ValueError(f"fused losses are 'mse' and 'ncc', got {loss!r}")
@@ -369,7 +384,9 @@ def fused_affine_loss(
         raise ValueError("fused_affine_loss returns no image gradient; detach the image or use warp()")
     n = check_batch(image.shape[0], theta.shape[0], "image and transform")
     theta = theta.expand(n, *theta.shape[1:]) if theta.shape[0] != n else theta
-    return _FusedAffineLoss.apply(image, fixed, theta, loss, padding == "border", reduce)
+    if overlap and image.device.type != "cpu":
+        raise ValueError("overlap=True is computed by the CPU kernels only")
+    return _FusedAffineLoss.apply(image, fixed, theta, loss, padding == "border", reduce, overlap)
 
 
 class _FusedBSpline(torch.autograd.Function):

@@ -135,10 +135,13 @@ def _loss_voxel(ncc, st, m_f, m_v, m_1, v, gx, gy, gz, f, x, ow):
     return st, moments(m_f, v - f, gx, gy, gz, ux), m_v, m_1
 
 
-def _make_loss_slice(ncc: bool):
-    """The fused similarity pass over one output slice, specialized at compile time for MSE or NCC.
+def _make_loss_slice(ncc: bool, overlap: bool):
+    """The fused similarity pass over one output slice, specialized at compile time for MSE or NCC,
+    over every output voxel (``overlap=False``) or only those whose trilinear cell lies inside the
+    moving image (``overlap=True``: ITK's rule that points mapped outside the moving image do not
+    count, so that a moved-in border does not bias the optimum).
 
-    ``stats[b, z]`` receives slice ``z``'s ``(Σv, Σv², Σv·f, Σf, Σf²)``. MSE's derivative in ``v`` is
+    ``stats[b, z]`` receives slice ``z``'s ``(Σv, Σv², Σv·f, Σf, Σf², count)``. MSE's derivative in ``v`` is
     known before the pass, ``2 (v - f)`` up to a constant, so ``grads[b, z, 0]`` receives
     ``Σ (v - f) ∂v/∂θ``. NCC's, ``a f + b v + c``, needs the statistics first, so ``grads[b, z, k]``
     receives ``Σ w_k ∂v/∂θ`` for ``w = (f, v, 1)`` and the caller combines them: one pass either way.
@@ -149,18 +152,25 @@ def _make_loss_slice(ncc: bool):
         od, oh, ow = fixed.shape[2], fixed.shape[3], fixed.shape[4]
         acc_f, acc_v, acc_1 = np.zeros((3, 4)), np.zeros((3, 4)), np.zeros((3, 4))
         st = (0.0, 0.0, 0.0, 0.0, 0.0)
+        count = 0
         for y in range(oh):
             rx, ry, rz, ax, ay, az = _row_start(theta[b], z, y, od, oh, ow, d, h, w)
             lo, hi = row_span(rx, ry, rz, ax, ay, az, d, h, w, ow)
             for c in range(n_c):
                 flat, fr = img[b, c], fixed[b, c, z, y]
                 m_f = m_v = m_1 = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+                count += hi - lo
                 for x in range(lo, hi):
                     v, gx, gy, gz = interior3d(flat, rx + x * ax, ry + x * ay, rz + x * az, w, h * w)
                     st, m_f, m_v, m_1 = _loss_voxel(ncc, st, m_f, m_v, m_1, v, gx, gy, gz, fr[x], x, ow)
+                # The interior span keeps a voxel of margin; positions there are checked one by one.
                 for x in range(ow):
                     if not lo <= x < hi:
-                        v, gx, gy, gz = checked3d(flat, d, h, w, rx + x * ax, ry + x * ay, rz + x * az, border)
+                        px, py, pz = rx + x * ax, ry + x * ay, rz + x * az
+                        if overlap and not (0.0 <= px <= w - 1.0 and 0.0 <= py <= h - 1.0 and 0.0 <= pz <= d - 1.0):
+                            continue
+                        count += 1
+                        v, gx, gy, gz = checked3d(flat, d, h, w, px, py, pz, border)
                         st, m_f, m_v, m_1 = _loss_voxel(ncc, st, m_f, m_v, m_1, v, gx, gy, gz, fr[x], x, ow)
                 _add_moments(acc_f, m_f, z, y, od, oh)
                 if ncc:
@@ -170,6 +180,7 @@ def _make_loss_slice(ncc: bool):
             _scale_rows(acc, d, h, w)
         for k in range(5):
             stats[b, z, k] = st[k]
+        stats[b, z, 5] = count
         grads[b, z, 0] = acc_f
         grads[b, z, 1] = acc_v
         grads[b, z, 2] = acc_1
@@ -210,8 +221,10 @@ def _grad_theta_serial(n_b, od, *args):  # pragma: no cover - compiled
         _grad_theta_slice(task // od, task % od, *args)
 
 
-_mse_slice = _make_loss_slice(False)
-_ncc_slice = _make_loss_slice(True)
+_mse_slice = _make_loss_slice(False, False)
+_ncc_slice = _make_loss_slice(True, False)
+_mse_overlap_slice = _make_loss_slice(False, True)
+_ncc_overlap_slice = _make_loss_slice(True, True)
 
 
 @nb.njit(parallel=True, **FAST)
@@ -238,11 +251,37 @@ def _ncc_serial(n_b, od, *args):  # pragma: no cover - compiled
         _ncc_slice(task // od, task % od, *args)
 
 
+@nb.njit(parallel=True, **FAST)
+def _mse_overlap_threaded(n_b, od, *args):  # pragma: no cover - compiled
+    for task in nb.prange(n_b * od):
+        _mse_overlap_slice(task // od, task % od, *args)
+
+
+@nb.njit(**FAST)
+def _mse_overlap_serial(n_b, od, *args):  # pragma: no cover - compiled
+    for task in range(n_b * od):
+        _mse_overlap_slice(task // od, task % od, *args)
+
+
+@nb.njit(parallel=True, **FAST)
+def _ncc_overlap_threaded(n_b, od, *args):  # pragma: no cover - compiled
+    for task in nb.prange(n_b * od):
+        _ncc_overlap_slice(task // od, task % od, *args)
+
+
+@nb.njit(**FAST)
+def _ncc_overlap_serial(n_b, od, *args):  # pragma: no cover - compiled
+    for task in range(n_b * od):
+        _ncc_overlap_slice(task // od, task % od, *args)
+
+
 _KERNELS3D = {
     "affine3d_forward": (_forward_threaded, _forward_serial),
     "affine3d_grad_theta": (_grad_theta_threaded, _grad_theta_serial),
     "affine3d_mse": (_mse_threaded, _mse_serial),
     "affine3d_ncc": (_ncc_threaded, _ncc_serial),
+    "affine3d_mse_overlap": (_mse_overlap_threaded, _mse_overlap_serial),
+    "affine3d_ncc_overlap": (_ncc_overlap_threaded, _ncc_overlap_serial),
 }
 
 

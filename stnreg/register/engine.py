@@ -20,6 +20,7 @@ from tqdm import tqdm
 from ..fast import fused_affine_loss, fused_available
 from ..image import Image
 from ..losses import REGULARIZERS, RegistrationLoss, dice_loss
+from ..sampler import sample
 from ..transforms import FAMILIES
 from ..transforms.base import Composite, Transform, clear_lattice_cache
 from ..transforms.dense import Displacement
@@ -263,7 +264,7 @@ class _Run:
         sim = self.loss.similarity
         has_labels = "moving_labels" in p.pyramids
         fused = sim in ("mse", "ncc") and d == 3 and "mask" not in p.pyramids and not has_labels
-        fused = fused and fused_available(p.moving_int, "border")
+        fused = fused and fused_available(p.moving_int, "border") and dev.type == "cpu"
 
         def transform_of(xv: Tensor) -> MatrixTransform:
             return family.with_params(init_params + xv * scale)
@@ -280,16 +281,22 @@ class _Run:
             ) -> Tensor:
                 mapping = prefix.compose(transform_of(xv))
                 mapping = mapping if fixed_part is None else mapping.compose(fixed_part)
+                # Only fixed voxels mapped inside the moving image count (ITK's rule): a moved-in
+                # border, read as replicated edge values, would otherwise pull the optimum (0.39 mm
+                # off an exact 3D shift of a prostate MR whose tissue reaches the image edges).
                 if fused and isinstance(mapping, MatrixTransform) and not mapping.projective:
                     theta = mapping.affine_theta(fgrid_l, mgrid_l)
-                    value = fused_affine_loss(m_l, f_l, theta, sim, "border", reduce=False)
+                    value = fused_affine_loss(m_l, f_l, theta, sim, "border", reduce=False, overlap=True)
                 else:
                     # One sample of MI's voxels per level: a line search compares values of one function.
                     gen = torch.Generator(device=dev).manual_seed(self.seed)
-                    warped = warp(m_l, mapping, fgrid_l, mgrid_l, padding="border")
+                    coords = mapping.sampling_grid(fgrid_l, mgrid_l)
+                    warped = sample(m_l, coords.to(m_l.dtype), "linear", "border")
+                    inside = _inside(coords, m_l.shape[2:])
+                    mask = inside if mask_l is None else inside * mask_l
                     # In float64: near the optimum a line search compares losses that differ by less
                     # than float32 resolves (a 13 x 17 px rigid shift stopped 0.045 px short).
-                    value = self.loss.similarity_term(warped.double(), f_l.double(), mask_l, gen, reduce=False)
+                    value = self.loss.similarity_term(warped.double(), f_l.double(), mask, gen, reduce=False)
                 if ohm_l is not None and self.loss.dice_weight:
                     warped_labels = warp(ohm_l, mapping, fgrid_l, mgrid_l)
                     value = value + self.loss.dice_weight * dice_loss(warped_labels, ohf_l, reduce=False)
@@ -397,6 +404,15 @@ class _Run:
             self._record(factor, cap, sol)
         with torch.no_grad():
             return result_displacement(level, x)
+
+
+def _inside(coords: Tensor, shape: Sequence[int]) -> Tensor:
+    """``(N, 1, *out)`` 1 where normalized sampler ``coords`` ``(N, *out, d)`` (``x, y, z``) have their
+    linear interpolation cell inside an image of array ``shape``, else 0."""
+    sizes = torch.tensor(list(reversed(shape)), dtype=coords.dtype, device=coords.device)
+    index = ((coords + 1) * sizes - 1) / 2
+    ok = ((index >= 0) & (index <= sizes - 1)).all(-1)
+    return ok.unsqueeze(1).to(coords.dtype)
 
 
 def _no_step(xa: Tensor, xb: Tensor) -> Tensor:
