@@ -152,3 +152,16 @@ def test_fused_overlap_loss_matches_the_masked_reference(loss):
     (g_ref,) = torch.autograd.grad(ref.sum(), theta)
     torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(g_ours, g_ref, rtol=1e-6, atol=1e-9)
+
+
+def test_no_overlap_scores_infinity_so_a_line_search_backs_off():
+    from stnreg.fast import fused_affine_loss
+
+    moving, fixed = torch.rand(2, 1, 8, 8, 8, dtype=torch.float64), torch.rand(2, 1, 8, 8, 8, dtype=torch.float64)
+    theta = torch.eye(3, 4, dtype=torch.float64).repeat(2, 1, 1)
+    theta[1, 0, 3] = 5.0  # pair 1 maps every fixed voxel beyond the moving image
+    theta.requires_grad_(True)
+    value = fused_affine_loss(moving, fixed, theta, "ncc", "border", reduce=False, overlap=True)
+    assert math.isfinite(float(value[0].detach())) and float(value[1].detach()) == math.inf
+    (grad,) = torch.autograd.grad(value.sum(), theta)
+    assert bool(grad[1].eq(0).all()) and bool(grad[0].ne(0).any())

@@ -317,8 +317,9 @@ class _FusedAffineLoss(torch.autograd.Function):
             # Slice partials summed in slice order: the same bits for any thread count.
             stats, parts = stats.sum(1), parts.sum(1)
             stats, count = stats[:, :5], stats[:, 5:]
-            if overlap and bool((count == 0).any()):
-                raise ValueError("no fixed voxel maps inside the moving image: the images do not overlap")
+        # An item without overlap scores +inf (a line search then backs off), with no gradient.
+        empty = (count == 0).reshape(n)
+        count = count.clamp_min(1)
         # Channels x voxels per item that count: all of them, or those mapped inside (overlap).
         # A batch mean divides each item's gradient by n; per-item values (reduce=False) do not.
         n_mean = n if reduce else 1
@@ -340,6 +341,8 @@ class _FusedAffineLoss(torch.autograd.Function):
             k = 1.0 / (count.reshape(n) * n_mean)
             coef = torch.stack((-k / sd, k * r / var_v, k * (mf / sd - r * mv / var_v)), 1)
             grad = (coef[:, :, None, None] * parts).sum(1)
+        value = torch.where(empty, torch.full_like(value, math.inf), value)
+        grad = torch.where(empty.reshape(n, 1, 1), torch.zeros_like(grad), grad)
         ctx.save_for_backward(grad)
         ctx.theta_dtype = theta.dtype
         return (value.mean() if reduce else value).to(image.dtype)

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -297,6 +298,8 @@ class _Run:
                     # In float64: near the optimum a line search compares losses that differ by less
                     # than float32 resolves (a 13 x 17 px rigid shift stopped 0.045 px short).
                     value = self.loss.similarity_term(warped.double(), f_l.double(), mask, gen, reduce=False)
+                    # A pair without overlap scores +inf, so that a line search backs off.
+                    value = torch.where(inside.flatten(1).sum(1) > 0, value, torch.full_like(value, math.inf))
                 if ohm_l is not None and self.loss.dice_weight:
                     warped_labels = warp(ohm_l, mapping, fgrid_l, mgrid_l)
                     value = value + self.loss.dice_weight * dice_loss(warped_labels, ohf_l, reduce=False)
