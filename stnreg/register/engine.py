@@ -87,6 +87,7 @@ def register_many(
     progress: bool = True,
     seed: int = 0,
     tol: float | None = None,
+    linear_loss: str | None = None,
 ) -> list[RegistrationResult]:
     """Register ``N`` pairs; all fixed images share one grid, and all moving images another.
 
@@ -113,11 +114,18 @@ def register_many(
         progress: show a progress bar over stages, levels and iterations.
         seed: seed of the random sampling of ``"mi"``.
         tol: overrides every stage's :attr:`Stage.tol` (``0``: every level runs its iteration cap).
+        linear_loss: the matrix stages' similarity (default: ``"ncc"`` where ``loss`` is ``"lncc"``,
+            else ``loss``). On the prostate tuning pairs of ``benchmarks/pairwise.py``, ``"lncc"``
+            aligns the gland better (affine alone: Dice 0.667 against 0.537) at twice the time,
+            while the global NCC recovers exact transforms more precisely (a 3D affine to 0.010 mm
+            against 0.099 mm) and runs in the fused kernel.
     """
     t_start = time.perf_counter()
     if tol is not None and tol < 0:
         raise ValueError(f"tol must be >= 0, got {tol}")
     objective = RegistrationLoss(loss, bins=bins, dice_weight=dice_weight)
+    if linear_loss is not None:
+        RegistrationLoss(linear_loss)  # validates the name
     stages = parse_pipeline(transform)
     if tol is not None:
         for s in stages:
@@ -154,7 +162,7 @@ def register_many(
     solves: list[dict[str, Any]] = []
     for si, stage in enumerate(stages):
         t_stage = time.perf_counter()
-        run = _Run(problem, stage, objective, seed, bar, history, solves)
+        run = _Run(problem, stage, objective, seed, bar, history, solves, linear_loss)
         if stage.family in MATRIX:
             prefix = run.matrix_stage(prefix, fixed_part, center)
         elif stage.family == "syn":
@@ -168,7 +176,7 @@ def register_many(
         "transform": "+".join(s.family for s in stages),
         "stages": [s.__dict__ for s in stages],
         "loss": loss,
-        "stage_losses": [stage_loss(s, loss) for s in stages],
+        "stage_losses": [stage_loss(s, loss, linear_loss) for s in stages],
         "window": objective.window if loss == "lncc" else None,
         "bins": bins if loss == "mi" else None,
         "regularization": regularization,
@@ -227,10 +235,12 @@ class _Run:
         bar: tqdm,
         history: list[dict[str, Any]],
         solves: list[dict[str, Any]],
+        linear_loss: str | None,
     ) -> None:
         self.problem, self.stage, self.seed, self.bar = problem, stage, seed, bar
         self.history, self.solves = history, solves
-        self.loss = RegistrationLoss(stage_loss(stage, loss.similarity), loss.window, loss.bins, {}, loss.dice_weight)
+        sim = stage_loss(stage, loss.similarity, linear_loss)
+        self.loss = RegistrationLoss(sim, loss.window, loss.bins, {}, loss.dice_weight)
 
     def _callback(self, factor: int) -> Callback:
         def cb(it: int, losses: Tensor) -> None:

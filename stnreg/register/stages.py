@@ -90,12 +90,15 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 FULL_RES_MAX_VOXELS = 2_000_000
 
 
-def stage_loss(stage: Stage, loss: str) -> str:
-    """The similarity a stage optimizes, given the pipeline's ``loss`` (see :attr:`Stage.loss`)."""
+def stage_loss(stage: Stage, loss: str, linear_loss: str | None = None) -> str:
+    """The similarity a stage optimizes, given the pipeline's ``loss`` (see :attr:`Stage.loss`);
+    ``linear_loss``, when given, is the matrix stages' default instead of the rule there."""
     if stage.loss is not None:
         return stage.loss
-    if stage.family in MATRIX and loss == "lncc":
-        return "ncc"
+    if stage.family in MATRIX:
+        if linear_loss is not None:
+            return linear_loss
+        return "ncc" if loss == "lncc" else loss
     return loss
 
 
