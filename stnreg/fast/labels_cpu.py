@@ -10,13 +10,14 @@ none of the weights where all neighbours hold the same label (most of an atlas).
 
 Same results, ties included: the weights are computed with the floating-point operations of
 ``grid_sample``'s CPU kernels, in the coordinates' dtype, with ``fastmath`` off so that nothing is
-reordered or fused. The two kernels round differently and both are followed: 2D (the vectorized
-kernel) takes ``e = 1 - (x - floor x)`` and ``w = x - floor x``, 3D (the scalar kernel) takes
-``(floor x + 1) - x`` and ``x - floor x`` and multiplies the three axes left to right. A label's
-weight is the sum of its in-bounds corners' weights in ``grid_sample``'s corner order (``x`` fastest,
-then ``y``, then ``z``), which is the indicator's interpolation (its other terms add exact zeros).
-The unnormalization ``((g + 1) n - 1) / 2`` equals the vectorized kernel's ``(g + 1) (n / 2) - 1/2``
-bit for bit (halving is exact), so one form serves both ranks.
+reordered or fused that the reference does not fuse. The two kernels round differently and both are
+followed. 3D (the scalar kernel): position ``((g + 1) n - 1) / 2``, factors ``(floor r + 1) - r``
+and ``r - floor r``, multiplied x, y, then z. 2D (the vectorized kernel): position
+``(g + 1) (n / 2) - 1/2``, one FMA where torch runs its AVX2/AVX512 build (the compiler contracts it
+there; its DEFAULT build rounds twice, which equals the 3D form, halving being exact), factors
+``w = r - floor r`` and ``e = 1 - w``. A label's weight is the sum of its in-bounds corners' weights
+in ``grid_sample``'s corner order (``x`` fastest, then ``y``, then ``z``), which is the indicator's
+interpolation (its other terms add exact zeros).
 
 Threads split output slices (3D) or rows (2D), each writing its own outputs, as in
 :mod:`.affine_cpu`; with one torch thread the serial twin runs.
@@ -34,7 +35,7 @@ from .._checks import check_batch
 
 __all__ = ["label_sample"]
 
-# No fastmath: the weights must round exactly as grid_sample's do (no reassociation, no FMA).
+# No fastmath: the weights must round exactly as grid_sample's do (no reassociation, no contraction).
 _OPTS = {"cache": True, "nogil": True, "fastmath": False, "error_model": "numpy"}
 _INLINE = {"inline": "always", "nogil": True, "fastmath": False, "error_model": "numpy"}
 
@@ -217,8 +218,6 @@ def label_sample(image: Tensor, coords: Tensor, padding: str = "zeros") -> Tenso
     Returns:
         ``(N, C, *out_spatial)`` in the image's dtype; no gradient (labels have none).
     """
-    import numba
-
     ndim = image.dim() - 2
     n = check_batch(image.shape[0], coords.shape[0], "image and coordinates")
     work = image.detach().to(torch.float64 if image.is_floating_point() else torch.int64)
@@ -234,9 +233,9 @@ def label_sample(image: Tensor, coords: Tensor, padding: str = "zeros") -> Tenso
     fused = ndim == 2 and torch.backends.cpu.get_cpu_capability() != "DEFAULT"
     k = np.array([0, 1, 2, padding == "border", fused, *sizes], dtype=grid.numpy().dtype)
     out = torch.empty((n, image.shape[1], *out_shape), dtype=work.dtype)
-    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    threads = max(1, min(torch.get_num_threads(), nb.config.NUMBA_NUM_THREADS))
     if threads > 1:
-        numba.set_num_threads(threads)
+        nb.set_num_threads(threads)
         kernel = _label3d_threaded if ndim == 3 else _label2d_threaded
     else:
         kernel = _label3d_serial if ndim == 3 else _label2d_serial
