@@ -73,7 +73,7 @@ def test_saved_transforms_reproduce_with_simpleitk(tmp_path):
     moving, fixed, _ = _pair_3d((20, 22, 24))
     stages = [Stage("affine", shrink=(2,), iterations=(60,)), Stage("svf", shrink=(2, 1), iterations=(30, 20))]
     r = register(moving, fixed, transform=stages, loss="lncc", progress=False, device="cpu")
-    files = r.save(tmp_path)
+    files = r.save(tmp_path, total_displacement=True)
     report = json.loads(files["report"].read_text())
     assert report["transform"] == ["affine.tfm", "deformable.nii.gz"]
     composite = sitk.CompositeTransform(3)

@@ -38,6 +38,8 @@ from .syn import SymmetricGreedy, SynLevel, result_displacement, upsample
 __all__ = ["register", "register_many"]
 
 Callback = Callable[[int, Tensor], None]
+# The smallest fraction of the fixed image that must map inside the moving image (reference path).
+MIN_OVERLAP = 0.25
 
 
 def register(
@@ -187,33 +189,47 @@ def register_many(
         "batch_size": n,
         "solves": solves,
     }
-    results = []
-    for i in range(n):
-        mat = item(prefix, i).cpu()
-        deform = None if deformable is None else item(deformable, i).cpu()
-        if fixed_part is not None:
-            kept = item(fixed_part, i if fixed_part.batch_size > 1 else 0).cpu()
-            deform = kept if deform is None else Composite([kept, deform])
-        full: Transform = mat if deform is None else Composite([mat, deform])
-        with torch.no_grad():
-            warped = apply(full, problem.moving[i], problem.fixed[i])
-        res = RegistrationResult(
-            warped=Image(warped.data, fgrid, "warped"),
-            transform=full,
-            matrix=mat,
-            deformable=deform,
-            fixed=problem.fixed[i],
-            moving=problem.moving[i],
-            settings=settings,
-            history=history,
-            timings=dict(timings, total_s=time.perf_counter() - t_start),
-        )
-        lm, lf = problem.label_maps[i] if problem.label_maps[i] else (None, None)
-        res.label_maps = (lm, lf, problem.label_ids[i])
-        results.append(res)
+    results = [_result(problem, i, prefix, deformable, fixed_part, settings, history, timings) for i in range(n)]
+    for res in results:
+        res.timings["total_s"] = time.perf_counter() - t_start
     # The lattices cached for the iterations would otherwise outlive the call (+240 MB RSS on the brain).
     clear_lattice_cache()
     return results
+
+
+def _result(
+    problem: Problem,
+    i: int,
+    matrix: MatrixTransform,
+    deformable: Transform | None,
+    fixed_part: Transform | None,
+    settings: dict[str, Any],
+    history: list[dict[str, Any]],
+    timings: dict[str, float],
+) -> RegistrationResult:
+    """Pair ``i``'s result: ``T = M ∘ D ∘ φ`` (``D`` the kept initial deformable part), warped on the fixed grid."""
+    mat = item(matrix, i).cpu()
+    deform = None if deformable is None else item(deformable, i).cpu()
+    if fixed_part is not None:
+        kept = item(fixed_part, i if fixed_part.batch_size > 1 else 0).cpu()
+        deform = kept if deform is None else Composite([kept, deform])
+    full: Transform = mat if deform is None else Composite([mat, deform])
+    with torch.no_grad():
+        warped = apply(full, problem.moving[i], problem.fixed[i])
+    res = RegistrationResult(
+        warped=Image(warped.data, problem.fixed_grid, "warped"),
+        transform=full,
+        matrix=mat,
+        deformable=deform,
+        fixed=problem.fixed[i],
+        moving=problem.moving[i],
+        settings=settings,
+        history=history,
+        timings=dict(timings),
+    )
+    lm, lf = problem.label_maps[i] if problem.label_maps[i] else (None, None)
+    res.label_maps = (lm, lf, problem.label_ids[i])
+    return res
 
 
 def initial_matrix_of(problem: Problem, i: int, init: str) -> tuple[Tensor, Tensor]:
@@ -308,8 +324,10 @@ class _Run:
                     # In float64: near the optimum a line search compares losses that differ by less
                     # than float32 resolves (a 13 x 17 px rigid shift stopped 0.045 px short).
                     value = self.loss.similarity_term(warped.double(), f_l.double(), mask, gen, reduce=False)
-                    # A pair without overlap scores +inf, so that a line search backs off.
-                    value = torch.where(inside.flatten(1).sum(1) > 0, value, torch.full_like(value, math.inf))
+                    # A pair whose overlap falls below a quarter of the fixed image scores +inf, so that
+                    # a line search backs off (MI can rise on a sliver of overlap).
+                    enough = inside.flatten(1).mean(1) >= MIN_OVERLAP
+                    value = torch.where(enough, value, torch.full_like(value, math.inf))
                 if ohm_l is not None and self.loss.dice_weight:
                     warped_labels = warp(ohm_l, mapping, fgrid_l, mgrid_l)
                     value = value + self.loss.dice_weight * dice_loss(warped_labels, ohf_l, reduce=False)

@@ -62,8 +62,15 @@ class RegistrationResult:
             mapped = self.deformable.mapped_lattice(self.fixed.grid).double()[0]
             return torch.movedim(mapped - pts, -1, 0).float()
 
-    def save(self, out_dir: str | os.PathLike, protect: Sequence[str | os.PathLike] = (), suffix: str | None = None):
-        """Write warped image, transform files, report and QC figure; see :func:`stnreg.report.save_result`."""
+    def save(
+        self,
+        out_dir: str | os.PathLike,
+        protect: Sequence[str | os.PathLike] = (),
+        suffix: str | None = None,
+        total_displacement: bool = False,
+    ):
+        """Write warped image, transform files, report and QC figure (and, with ``total_displacement``,
+        the whole transform as one displacement field); see :func:`stnreg.report.save_result`."""
         from ..report import save_result
 
-        return save_result(self, out_dir, protect=protect, suffix=suffix)
+        return save_result(self, out_dir, protect=protect, suffix=suffix, total_displacement=total_displacement)

@@ -66,13 +66,15 @@ class LBFGS:
     about one voxel of displacement). A pair converges once an accepted update is smaller than
     ``tol`` (``stop``), or once no step along steepest descent longer than ``tol / 16`` lowers its loss
     (the loss is at a minimum to within ``tol``: linear interpolation makes the loss piecewise smooth,
-    with kinks at whole-voxel shifts, where a line search, not the gradient, decides).
+    with kinks at whole-voxel shifts, where a line search, not the gradient, decides). No step moves
+    a point by more than ``max_step`` (in ``stop``'s units).
     """
 
     tol: float = 1e-3
     history: int = 10
     first_step: float = 1.0
     armijo: float = 1e-4
+    max_step: float = 2.0
 
     def minimize(
         self, objective: Objective, x0: Tensor, budget: int, stop: StepSize, callbacks: Sequence[Callback] = ()
@@ -91,6 +93,10 @@ class LBFGS:
         it = 0
         for it in range(1, budget + 1):
             d = torch.stack([self._direction(g[i], mem_s[i], mem_y[i]) for i in range(n)])
+            # A trust region: no trial step moves a point by more than max_step voxels (a step far
+            # outside the basin can find a better but wrong optimum, e.g. MI on a sliver of overlap).
+            reach = size_of(x, x + d)
+            d = d * (self.max_step / reach.clamp_min(self.max_step))[:, None]
             slope = (d * g).sum(1)
             t = torch.ones(n, dtype=x.dtype, device=x.device)
             accepted = ~active
