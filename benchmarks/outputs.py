@@ -225,7 +225,8 @@ def write(results: dict, name: str) -> None:
         f"{run + save_before:.1f} s before). `deformable field` and `total field` are "
         "`result.deformable_displacement()` and `result.displacement()`: `save` now evaluates the first "
         "once for the file and the metrics, and the second not at all (it wrote `total_displacement.nii.gz`, "
-        "now `save(..., total_displacement=True)`).",
+        "now `save(..., total_displacement=True)`). The two cores were shared with other jobs: the same "
+        "work can differ by a third between rows (the two field writes, the two field evaluations).",
         "",
         "| part | before s | share | now s | share | ratio |",
         "|---|---:|---:|---:|---:|---:|",
