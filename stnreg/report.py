@@ -2,10 +2,10 @@
 
 What keeps it cheap (on a 1 mm brain, 182x218x182, one thread, ``save`` took 3.4 s with the
 metrics against 33 s before; ``benchmarks/results/outputs.md``): the deformable part's field is
-evaluated once and shared, the whole transform's field only on request, the Jacobian statistics come from the deformable part's
-displacement and the matrix (``det J = det A · det(I + ∇u)``) in float32 instead of a second full
-evaluation of the whole transform in float64, and the QC figure needs only the middle slice (three
-slices of the displacement, for its derivatives along the slice axis).
+evaluated once and shared, the whole transform's field only on request, the Jacobian statistics
+come from the deformable part's displacement and the matrix (``det J = det A · det(I + ∇u)``) in
+float32, and the QC figure needs only the middle slice (three slices of the displacement, for its
+derivatives along the slice axis).
 """
 
 from __future__ import annotations
