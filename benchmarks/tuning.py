@@ -8,7 +8,7 @@ registration, and the table gives the mean over pairs with [min, max].
 
     python benchmarks/tuning.py [--data DIR] [--variants "NAME;NAME..."]
 
-Writes ``benchmarks/results/tuning.md`` and ``.json``.
+Writes ``benchmarks/results/tuning.md`` and ``.json`` (``--out`` changes the name).
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ VARIANTS: dict[str, Any] = {
     "rigid+affine (MI)": lambda: [Stage("rigid", loss="mi"), Stage("affine", loss="mi")],
     "rigid+affine+svf (NCC matrix, default)": lambda: "rigid+affine+svf",
     "rigid+affine+svf (LNCC matrix)": lambda: [*_lncc_matrix(), Stage("svf")],
+    "rigid (NCC) + affine (LNCC)": lambda: ["rigid", Stage("affine", loss="lncc")],
+    "rigid (NCC) + affine (LNCC) + svf": lambda: ["rigid", Stage("affine", loss="lncc"), "svf"],
     "rigid+affine+syn (NCC matrix)": lambda: "rigid+affine+syn",
     "rigid+affine+syn (LNCC matrix)": lambda: [*_lncc_matrix(), Stage("syn")],
     "rigid+affine+syn lr 0.5 (LNCC matrix)": lambda: [*_lncc_matrix(), Stage("syn", lr=0.5)],
@@ -58,6 +60,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--variants", default=";".join(VARIANTS), help="variant names separated by ;")
+    ap.add_argument("--out", default="tuning", help="results file name (without suffix)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     root = args.data / "prostate" / "unpaired"
@@ -85,7 +88,8 @@ def main() -> None:
     lines = [
         "# Engine variants on the prostate tuning pairs (CPU, one thread)",
         "",
-        f"`python benchmarks/tuning.py`; {time.perf_counter() - t_all:.0f} s in all; torch {torch.__version__}. "
+        f"`python benchmarks/tuning.py{' --variants ...' if len(names) < len(VARIANTS) else ''}`; "
+        f"{time.perf_counter() - t_all:.0f} s in all; torch {torch.__version__}. "
         f"Pairs {', '.join(f'{a}->{b}' for a, b in pairs)} (the tuning set of `benchmarks/pairwise.py`); gland "
         "Dice after registration, mean [min, max] over pairs; seconds: the `stnreg.register` call. These pairs "
         "choose the defaults; `benchmarks/pairwise.py --set report` reports them on other pairs.",
@@ -103,8 +107,8 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "tuning.md").write_text(text)
-    (RESULTS / "tuning.json").write_text(json.dumps(rows, indent=1))
+    (RESULTS / f"{args.out}.md").write_text(text)
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":
