@@ -21,7 +21,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-__all__ = ["LBFGS", "Adam", "Callback", "Solution", "Solver", "StepSize"]
+__all__ = ["LBFGS", "Adam", "Callback", "Plateau", "Solution", "Solver", "StepSize"]
 
 Objective = Callable[[Tensor], Tensor]
 StepSize = Callable[[Tensor, Tensor], Tensor]
@@ -43,6 +43,25 @@ class Solver(Protocol):
     def minimize(
         self, objective: Objective, x0: Tensor, budget: int, stop: StepSize, callbacks: Sequence[Callback] = ()
     ) -> Solution: ...
+
+
+@dataclass
+class Plateau:
+    """A loss-plateau stop: the best loss so far gained less than ``tol`` (relative) over the last
+    ``patience`` iterations (``tol = 0``: never). The best loss is monotone, so that noisy losses
+    such as sampled MI do not end a level by chance."""
+
+    tol: float
+    patience: int = 10
+
+    def __post_init__(self) -> None:
+        self.bests: list[float] = []
+
+    def __call__(self, loss: float) -> bool:
+        """Record one iteration's loss; whether the level has converged."""
+        self.bests.append(min(loss, self.bests[-1]) if self.bests else loss)
+        b = self.bests
+        return len(b) > self.patience and b[-self.patience - 1] - b[-1] < self.tol * abs(b[-1])
 
 
 def _value_and_grad(objective: Objective, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -163,11 +182,8 @@ class LBFGS:
 @dataclass
 class Adam:
     """Adam with a cosine decay of its rate to 5% over the budget (it lets Adam settle into an optimum
-    instead of circling it); stops once the best batch-mean loss improved by less than ``tol``
-    (relative) over the last ``patience`` iterations (``tol = 0``: runs the whole budget).
-
-    The best loss so far is watched (monotone), so that noisy losses such as sampled MI do not end a
-    level by chance. Adam updates each variable on its own, so pairs stay independent; the stop
+    instead of circling it); stops on a :class:`Plateau` of the batch-mean loss (``tol = 0``: runs
+    the whole budget). Adam updates each variable on its own, so pairs stay independent; the stop
     watches the batch mean.
     """
 
@@ -181,7 +197,7 @@ class Adam:
         x = x0.detach().clone().requires_grad_(True)
         opt = torch.optim.Adam([x], lr=self.lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, budget), eta_min=0.05 * self.lr)
-        bests: list[float] = []
+        plateau = Plateau(self.tol, self.patience)
         it = 0
         converged = False
         for it in range(1, budget + 1):
@@ -194,11 +210,7 @@ class Adam:
             losses = f.detach().reshape(-1)
             for cb in callbacks:
                 cb(it, losses)
-            v = float(losses.mean())
-            bests.append(min(v, bests[-1]) if bests else v)
-            if len(bests) > self.patience and bests[-self.patience - 1] - bests[-1] < self.tol * abs(bests[-1]):
-                converged = True
+            if plateau(float(losses.mean())):
+                converged = math.isfinite(plateau.bests[-1])
                 break
-        n = x0.shape[0]
-        flag = torch.full((n,), converged and math.isfinite(bests[-1]), dtype=torch.bool)
-        return Solution(x.detach(), it, it, flag)
+        return Solution(x.detach(), it, it, torch.full((x0.shape[0],), converged, dtype=torch.bool))

@@ -28,7 +28,7 @@ from ..coords import Grid, apply_affine, lattice
 from ..losses import RegistrationLoss
 from ..sampler import gaussian_blur, sample
 from ..transforms.dense import Displacement
-from .solvers import Callback, Solution
+from .solvers import Callback, Plateau, Solution
 
 __all__ = ["SymmetricGreedy", "SynLevel", "result_displacement", "upsample"]
 
@@ -76,8 +76,8 @@ class SymmetricGreedy:
 
     ``x`` is ``(N, 3, d, *shape)``: ``u_f``, ``u_m`` and ``w_f`` (``φ_f⁻¹ - id``) in mm. ``objective``
     is not called: the update needs both warped images, which the level makes from the images.
-    Stops once the best batch-mean loss gained less than ``tol`` (relative) over ``patience``
-    iterations, ANTs' convergence window on the metric.
+    Stops on a :class:`~.solvers.Plateau` of the batch-mean loss (``tol`` relative over ``patience``
+    iterations), as ANTs' convergence window on the metric.
     """
 
     level: SynLevel
@@ -102,7 +102,7 @@ class SymmetricGreedy:
         u_f, u_m, w_f = x0[:, 0].clone(), x0[:, 1].clone(), x0[:, 2].clone()
         d = u_f.shape[1]
         n = u_f.shape[0]
-        bests: list[float] = []
+        plateau = Plateau(self.tol, self.patience)
         it = 0
         converged = False
         for it in range(1, budget + 1):
@@ -124,9 +124,7 @@ class SymmetricGreedy:
                 u_f, u_m, w_f = (gaussian_blur(u, sigma, "border") for u in (u_f, u_m, w_f))
             for cb in callbacks:
                 cb(it, losses)
-            v = float(losses.mean())
-            bests.append(min(v, bests[-1]) if bests else v)
-            if len(bests) > self.patience and bests[-self.patience - 1] - bests[-1] < self.tol * abs(bests[-1]):
+            if plateau(float(losses.mean())):
                 converged = True
                 break
         return Solution(torch.stack([u_f, u_m, w_f], 1), it, it, torch.full((n,), converged, dtype=torch.bool))
