@@ -79,6 +79,8 @@ def test_saved_transforms_reproduce_with_simpleitk(tmp_path):
     composite = sitk.CompositeTransform(3)
     composite.AddTransform(sitk.ReadTransform(str(tmp_path / "affine.tfm")))
     field = sitk.Cast(sitk.ReadImage(str(tmp_path / "deformable.nii.gz")), sitk.sitkVectorFloat64)
+    # The SVF's displacement is written on its own lattice (field_factor 2: half the fixed grid).
+    assert field.GetSize() == tuple(r.deformable.shape[::-1]) == (12, 11, 10)
     composite.AddTransform(sitk.DisplacementFieldTransform(field))
     fixed_itk = sitk.ReadImage(str(files["warped"]))
     theirs = sitk.GetArrayFromImage(sitk.Resample(to_sitk(moving), fixed_itk, composite, sitk.sitkLinear, 0.0))
