@@ -165,3 +165,14 @@ def test_no_overlap_scores_infinity_so_a_line_search_backs_off():
     assert math.isfinite(float(value[0].detach())) and float(value[1].detach()) == math.inf
     (grad,) = torch.autograd.grad(value.sum(), theta)
     assert bool(grad[1].eq(0).all()) and bool(grad[0].ne(0).any())
+
+
+def test_deformable_displacement_of_a_field_on_the_fixed_frame_equals_the_mapped_points():
+    moving, fixed, _ = _pair_3d((20, 22, 24))
+    stages = [Stage("affine", shrink=(2,), iterations=(30,)), Stage("svf", shrink=(2, 1), iterations=(10, 10))]
+    r = register(moving, fixed, stages, progress=False, device="cpu")
+    pts = fixed.grid.points("world", torch.float64)
+    want = torch.movedim(r.deformable.mapped_lattice(fixed.grid).double()[0] - pts, -1, 0).float()
+    got = r.deformable_displacement()
+    assert float(want.abs().max()) > 0.1
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)

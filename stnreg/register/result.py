@@ -11,7 +11,8 @@ import torch
 from torch import Tensor
 
 from ..image import Image
-from ..transforms.base import Transform
+from ..transforms.base import Transform, index_to_domain
+from ..transforms.dense import Displacement
 from ..transforms.matrix import MatrixTransform
 
 __all__ = ["RegistrationResult"]
@@ -57,6 +58,14 @@ class RegistrationResult:
         """Displacement of the deformable stage alone ``(d, *fixed_shape)`` in mm, or ``None``."""
         if self.deformable is None:
             return None
+        grid = self.fixed.grid
+        t = self.deformable
+        world_field = isinstance(t, Displacement) and t.domain is not None and t.batch_size == 1
+        if world_field and t._shares_frame(index_to_domain(grid), grid.shape):
+            # A world-space field on a resampled copy of the fixed grid: its values at the fixed voxel
+            # centres, without the world points (0.3 instead of 1.0 s on a 1 mm brain).
+            with torch.no_grad():
+                return t.field_on(grid.shape)[0].float()
         with torch.no_grad():
             pts = self.fixed.grid.points("world", torch.float64)
             mapped = self.deformable.mapped_lattice(self.fixed.grid).double()[0]
