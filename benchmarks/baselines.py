@@ -65,6 +65,21 @@ def _status_mib(field: str) -> float:
     return float("nan")
 
 
+def source_state() -> str:
+    """The checkout's commit, and whether stnreg's sources differ from it (stnreg's numbers belong to that state)."""
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*cmd: str) -> str:
+        try:
+            return subprocess.run(["git", *cmd], cwd=root, capture_output=True, text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    dirty = git("status", "--porcelain", "--", "stnreg")
+    return f"commit {commit}" + (" with uncommitted changes under stnreg/" if dirty else "")
+
+
 def job_name(*parts: object) -> str:
     """A file-name-safe job id: ANTs parses its output prefix on a command line where brackets, commas
     and spaces have meaning (``antsRegistrationSyNQuick[s]`` in a path fails with error code 1)."""

@@ -53,7 +53,7 @@ from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
-from baselines import Workers, job_name, sitk_displacement, test_scan_images
+from baselines import Workers, job_name, sitk_displacement, source_state, test_scan_images
 from tqdm import tqdm
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -337,8 +337,9 @@ def main() -> None:
     header = (
         "# Exact recovery of known transforms (CPU, one thread per method)\n\n"
         f"`python benchmarks/exact.py{' --quick' if args.quick else ''}`; seeds {seeds}; "
-        f"{time.time() - started:.0f} s in all. Error: distance between the recovered and the true "
-        "map over the fixed image's foreground (mean over voxels, then mean [min, max] over seeds); "
+        f"{time.time() - started:.0f} s in all; stnreg at {source_state()}. Error: distance between "
+        "the recovered and the true map over the fixed image's foreground (mean over voxels, then "
+        "mean [min, max] over seeds); "
         "max error: the largest over voxels; seconds: wall clock from reading the files to the "
         "written transform, mean [min, max] over seeds, and the ratio of the means to ANTs on the "
         "same case. See `benchmarks/README.md`.\n\n"

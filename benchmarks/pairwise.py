@@ -54,7 +54,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 import torch
-from baselines import Workers, job_name, test_scan_images
+from baselines import Workers, job_name, source_state, test_scan_images
 from tqdm import tqdm
 
 import stnreg
@@ -429,8 +429,8 @@ def main() -> None:
     head = (
         f"# Pairwise registration benchmark: {', '.join(names)}"
         f"{f' ({args.set} set)' if 'prostate' in names else ''}\n\n"
-        f"`{command}`; {time.time() - started:.0f} s in all; CPU, one thread per method, each "
-        f"library in its own worker process. Values: mean over seeds [min, max]; ANTs and "
+        f"`{command}`; {time.time() - started:.0f} s in all; stnreg at {source_state()}; CPU, one "
+        f"thread per method, each library in its own worker process. Values: mean over seeds [min, max]; ANTs and "
         f"SimpleITK and elastix with seeds 1..{args.seeds} (the stronger ANTs setting "
         f"{args.strong_seeds or args.seeds}), stnreg {args.stnreg_runs} run(s) (deterministic). "
         "Seconds: wall clock from reading the files to the written outputs; s / ANTs SyN: ratio of "
