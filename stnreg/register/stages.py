@@ -31,10 +31,9 @@ class Stage:
         loss: the stage's similarity; ``None``: the pipeline's loss, except that matrix stages use the
             global ``"ncc"`` where the pipeline's loss is ``"lncc"`` (as ANTs' linear stages use a
             global metric), and ``"mi"`` stays ``"mi"``.
-        tol: convergence, in voxels of the level: a level ends once an update moves no point of the
-            fixed image by more than ``tol`` (matrix stages with L-BFGS), or once the largest update
-            of the field falls below ``tol`` (``syn``); for Adam stages, the relative loss gain over
-            the last 10 iterations below ``tol``.
+        tol: convergence: with L-BFGS (matrix stages) a level ends once an update moves no point of
+            the fixed image by more than ``tol`` voxels of the level; with Adam and ``syn``, once the
+            best loss gained less than ``tol`` (relative) over the last 10 iterations.
         lr: step size: Adam's learning rate (matrix stages: in half-extents of the fixed image
             per iteration, rotations in radians; fields: in voxels), or the greedy step of ``syn``
             in voxels of the level.
