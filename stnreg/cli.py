@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="convergence of every stage (default: each stage's own): matrix stages stop once an update moves "
         "no point by more than TOL voxels (default 0.001); svf/bspline/tps/syn levels once the best loss "
-        "gained less than TOL (relative, default 0.001) over 10 iterations; 0 runs every level to its cap",
+        "gained less than TOL (relative; default 0.001, syn 0.005) over 10 iterations; 0 runs every level to its cap",
     )
     reg.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     reg.add_argument("--model", help="a trained registration checkpoint (stnreg fit): one forward pass")
