@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -18,6 +19,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from ..coords import Grid
 from ..fast import fused_affine_loss, fused_available
 from ..image import Image
 from ..losses import REGULARIZERS, RegistrationLoss, dice_loss
@@ -451,10 +453,8 @@ def _no_step(xa: Tensor, xb: Tensor) -> Tensor:
     return torch.full((xa.shape[0],), float("inf"))
 
 
-def _corners(grid: Any, device: torch.device) -> Tensor:
+def _corners(grid: Grid, device: torch.device) -> Tensor:
     """World points ``(1, 2**d, d)`` of the corner voxel centres of ``grid``."""
-    import itertools
-
     d = grid.ndim
     sizes = list(reversed(grid.shape))  # x, y, z
     idx = torch.tensor(list(itertools.product(*[(0.0, s - 1.0) for s in sizes])), dtype=torch.float64)

@@ -11,11 +11,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["DEFAULTS", "DEFORMABLE", "MATRIX", "SOLVERS", "Stage", "levels", "parse_pipeline", "stage_loss"]
+__all__ = ["DEFAULTS", "DEFORMABLE", "MATRIX", "Stage", "levels", "parse_pipeline", "stage_loss"]
 
 MATRIX = ("translation", "rigid", "similarity", "affine", "projective")
 DEFORMABLE = ("syn", "svf", "displacement", "bspline", "tps")
-SOLVERS = ("lbfgs", "adam", "greedy")
 
 
 @dataclass
