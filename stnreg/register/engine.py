@@ -369,8 +369,6 @@ class _Run:
             if name not in REGULARIZERS:
                 raise ValueError(f"unknown regularizer {name!r}; choose from {', '.join(REGULARIZERS)}")
         loss = RegistrationLoss(self.loss.similarity, self.loss.window, self.loss.bins, weights, self.loss.dice_weight)
-        if stage.family == "tps":
-            loss.regularization = {}
         gen = torch.Generator(device=dev).manual_seed(self.seed)
         lv = levels(stage, p.fixed_grid.shape)
         family = make_stage_transform(stage, p.fixed_grid, center, p.voxel, lv[0][0]).to(dev)
