@@ -143,7 +143,9 @@ def test_scan_images(data: Path, factors: tuple[int, int, int] = (1, 1, 1), rota
 def run_stnreg(job: dict[str, Any]) -> tuple[float, Callable[[], np.ndarray]]:
     """``stnreg.register(paths, transform=settings["transform"], loss=...)`` then ``result.save(out)``.
 
-    ``settings["loss"]`` absent means stnreg's default loss (the argument is not passed).
+    ``settings["loss"]`` absent means stnreg's default loss (the argument is not passed);
+    ``settings["qc"]`` false skips the QC figure (the exact-recovery runs, timed to the written
+    transform as the other libraries are).
     """
     import torch
 
@@ -157,7 +159,7 @@ def run_stnreg(job: dict[str, Any]) -> tuple[float, Callable[[], np.ndarray]]:
         job["moving"], job["fixed"], transform=s["transform"], progress=False, device="cpu", **extra
     )
     reg_s = time.perf_counter() - t0
-    result.save(job["out"])
+    result.save(job["out"], qc=s.get("qc", True))
     return reg_s, lambda: result.displacement().numpy()
 
 

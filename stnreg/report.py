@@ -284,8 +284,10 @@ def save_result(
     protect: Sequence[str | os.PathLike] = (),
     suffix: str | None = None,
     total_displacement: bool = False,
+    qc: bool = True,
 ) -> dict[str, Path]:
-    """Write ``warped<suffix>``, ``affine.tfm``, ``deformable.nii.gz``, ``qc.png`` and, last,
+    """Write ``warped<suffix>``, ``affine.tfm``, ``deformable.nii.gz``, ``qc.png`` (unless ``qc`` is
+    false: on a 2D pair the figure takes longer than the registration) and, last,
     ``report.json`` into ``out_dir``; never replaces a file listed in ``protect``.
 
     ``report.json["transform"]`` lists the transform files in ITK ``CompositeTransform`` order
@@ -323,7 +325,8 @@ def save_result(
         files["total_displacement"] = write_displacement(
             out / "total_displacement.nii.gz", result.displacement(), result.fixed.grid, guard
         )
-    files["qc"] = qc_figure(result, out / "qc.png", deform)
+    if qc:
+        files["qc"] = qc_figure(result, out / "qc.png", deform)
     report = {
         "moving": result.moving.name,
         "fixed": result.fixed.name,

@@ -15,11 +15,12 @@ from torch import Tensor
 
 from ._checks import check_image, expand_batch
 from .coords import normalized_to_index
+from .cubic import bspline_prefilter, cubic_sample
 from .fast import fast_available, fast_sample
 
 __all__ = ["MODES", "PADDINGS", "gaussian_blur", "local_scale", "sample"]
 
-MODES = ("linear", "nearest", "label")
+MODES = ("linear", "cubic", "nearest", "label")
 PADDINGS = ("zeros", "border", "reflection")
 
 
@@ -134,16 +135,18 @@ def sample(
     """Read ``image`` at normalized ``coords``.
 
     Args:
-        image: ``(N, C, H, W)`` or ``(N, C, D, H, W)``; floating point for ``mode="linear"``,
+        image: ``(N, C, H, W)`` or ``(N, C, D, H, W)``; floating point for ``"linear"`` and ``"cubic"``,
             any numeric type for ``"nearest"`` and ``"label"``.
         coords: ``(N, H_out, W_out, 2)`` or ``(N, D_out, H_out, W_out, 3)`` normalized coordinates in
             ``(x, y, z)`` order (``align_corners=False``). A batch of 1 on either side broadcasts.
         mode: ``"linear"`` (bilinear/trilinear, differentiable in image and coords), ``"nearest"``,
+            ``"cubic"`` (cubic B-spline of the image, prefiltered so that it interpolates; unbiased
+            at subvoxel shifts, 4^d taps, differentiable in image and coords; :mod:`stnreg.cubic`),
             or ``"label"``, which interpolates each label's indicator linearly and keeps the most
             likely label, so only label values present in the input come out (plus the zero fill
             outside the image when ``padding="zeros"``).
         padding: ``"zeros"``, ``"border"`` or ``"reflection"``, as ``grid_sample``.
-        antialias: before linear sampling, blur the image with a Gaussian whose per-axis sigma,
+        antialias: before linear or cubic sampling, blur the image with a Gaussian whose per-axis sigma,
             ``0.5 * sqrt(s**2 - 1)`` input voxels, follows the warp's local scale ``s`` (see
             :func:`local_scale`; one sigma per batch item and axis, exact for matrix transforms).
             Only axes that the warp shrinks are blurred. The sigma is not differentiated.
@@ -155,16 +158,18 @@ def sample(
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if padding not in PADDINGS:
         raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
-    ndim = check_image(image, allow_integer=mode != "linear")
+    ndim = check_image(image, allow_integer=mode not in ("linear", "cubic"))
     _check_coords(coords, ndim)
     image, coords = expand_batch(image, coords, "image and coordinates")
-    if mode == "linear":
-        if coords.dtype != image.dtype:
-            coords = coords.to(image.dtype)
+    if mode in ("linear", "cubic"):
+        coords = coords.to(image.dtype)
         if antialias:
             scale = local_scale(coords, tuple(image.shape[2:]))
             sigma = 0.5 * (scale.square() - 1.0).clamp_min(0.0).sqrt()
             image = gaussian_blur(image, sigma, padding)
+    if mode == "cubic":
+        return cubic_sample(bspline_prefilter(image), coords, padding)
+    if mode == "linear":
         if ndim == 3 and coords.device.type == "cpu" and fast_available(image, padding):
             # Numba trilinear kernels, the same numbers as grid_sample (stnreg.fast); in 2D
             # grid_sample's own vectorized kernel measured faster.

@@ -122,7 +122,7 @@ def test_bad_input_errors():
     with pytest.raises(ValueError, match=r"\(N, H_out, W_out, 2\)"):
         sample(img, lattice((4, 4, 4)).unsqueeze(0))
     with pytest.raises(ValueError, match="mode"):
-        sample(img, grid, mode="cubic")
+        sample(img, grid, mode="quintic")
     with pytest.raises(ValueError, match="empty"):
         sample(torch.rand(1, 1, 0, 4), grid)
 
@@ -134,3 +134,44 @@ def test_gaussian_blur_one_sigma_for_a_batch_and_bad_sigma_named():
     assert torch.equal(one, each) and not torch.allclose(one, img)
     with pytest.raises(ValueError, match=r"sigma must be \(3, 2\) or \(1, 2\)"):
         gaussian_blur(img, torch.ones(2, 2))
+
+
+@pytest.mark.parametrize("shape", [(17, 23), (9, 11, 13)])
+@pytest.mark.parametrize("fast", [True, False])
+def test_cubic_matches_scipy_and_differentiates(shape, fast, monkeypatch):
+    """``mode="cubic"`` is scipy's ``map_coordinates(order=3, mode="mirror")``, through the numba kernel
+    and the torch reference alike, with gradients to coordinates and image."""
+    from scipy.ndimage import map_coordinates
+
+    from stnreg.coords import index_to_normalized
+
+    if not fast:
+        monkeypatch.setenv("STNREG_FAST", "0")
+    d = len(shape)
+    g = torch.Generator().manual_seed(3)
+    img = torch.rand(1, 1, *shape, dtype=torch.float64, generator=g)
+    pts = torch.rand(1, 40, d, dtype=torch.float64, generator=g) * (torch.tensor(shape[::-1], dtype=torch.float64) - 1)
+    coords = index_to_normalized(pts, shape).view(1, *[1] * (d - 1), 40, d)
+    got = sample(img, coords, "cubic", "border").flatten().numpy()
+    want = map_coordinates(img[0, 0].numpy(), pts[0].numpy()[:, ::-1].T, order=3, mode="mirror")
+    np.testing.assert_allclose(got, want, atol=1e-12)
+    # At the voxel centres the prefiltered spline interpolates the image itself.
+    nodes = lattice(shape, dtype=torch.float64)[None]
+    torch.testing.assert_close(sample(img, nodes, "cubic", "border"), img, atol=1e-10, rtol=0)
+    co = coords.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda c: sample(img, c, "cubic", "zeros"), (co,))
+    im = img.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: sample(x, coords, "cubic", "border"), (im,))
+
+
+def test_cubic_padding_outside_the_image():
+    img = torch.rand(1, 1, 8, 8, dtype=torch.float64) + 1.0
+    far = torch.tensor([[[[1.5, 0.0], [-1.5, 0.2]]]], dtype=torch.float64)  # beyond the outer edges in x
+    assert sample(img, far, "cubic", "zeros").abs().max() == 0
+    edge = torch.tensor([[[[1.0 - 1 / 8, 0.0], [-1.0 + 1 / 8, 0.0]]]], dtype=torch.float64)  # outer voxel centres
+    torch.testing.assert_close(
+        sample(img, far[..., :1, :], "cubic", "border"), sample(img, edge[..., :1, :], "cubic", "border")
+    )
+    mirrored = torch.tensor([[[[1.0 + 1 / 16, 0.0]]]], dtype=torch.float64)  # a quarter voxel past the edge
+    inside = torch.tensor([[[[1.0 - 1 / 16, 0.0]]]], dtype=torch.float64)
+    torch.testing.assert_close(sample(img, mirrored, "cubic", "reflection"), sample(img, inside, "cubic", "reflection"))

@@ -53,6 +53,7 @@ from ..coords import normalized_to_index_matrix
 
 __all__ = [
     "fast_available",
+    "fast_cubic",
     "fast_lncc",
     "fast_sample",
     "fused_affine_loss",
@@ -98,9 +99,15 @@ def _kernels():
                 # A pool that sleeps between calls: OpenMP's spinning workers slowed everything else.
                 numba.config.THREADING_LAYER = "workqueue"
             _drop_stale_kernel_caches()
-            from . import affine_cpu, bspline_cpu, field_cpu, lncc_cpu, tps_cpu
+            from . import affine_cpu, bspline_cpu, cubic_cpu, field_cpu, lncc_cpu, tps_cpu
 
-            _KERNELS = {**affine_cpu.KERNELS, **field_cpu.KERNELS, **bspline_cpu.KERNELS, **tps_cpu.KERNELS}
+            _KERNELS = {
+                **affine_cpu.KERNELS,
+                **field_cpu.KERNELS,
+                **bspline_cpu.KERNELS,
+                **tps_cpu.KERNELS,
+                **cubic_cpu.KERNELS,
+            }
             _KERNELS["field3d_grad_image"] = field_cpu.grad_image
             _KERNELS["bspline3d_spread_z"] = bspline_cpu.spread_z
             _KERNELS["affine2d_grad_image"] = affine_cpu.affine2d_grad_image
@@ -624,6 +631,29 @@ def _field_sample(image: Tensor, u: Tensor, k: Tensor, r: Tensor, border: bool, 
         # Under no_grad the Function still sees the inputs' requires_grad and would keep ∂out/∂u.
         image, u = image.detach(), u.detach()
     return _FieldSample.apply(image, u, k, r, border, channels_first)
+
+
+def fast_cubic(coeffs: Tensor, idx: Tensor) -> tuple[Tensor, Tensor] | None:
+    """Cubic B-spline values and their gradient by the numba kernels (:mod:`.cubic_cpu`).
+
+    Args:
+        coeffs: ``(N, C, H, W)`` or ``(N, C, D, H, W)`` B-spline coefficients on the CPU.
+        idx: ``(N, P, d)`` index positions in ``(x, y[, z])`` order.
+
+    Returns:
+        Values ``(N, C, P)`` and derivatives ``(N, C, P, d)`` (per index unit) in ``coeffs``' dtype,
+        not differentiable; ``None`` where the kernels cannot run (CUDA, no numba, ``STNREG_FAST=0``).
+    """
+    if not fast_available(coeffs, "border"):
+        return None
+    d = coeffs.dim() - 2
+    n, c = coeffs.shape[:2]
+    flat = coeffs.detach().contiguous().reshape(n, c, -1).double().numpy()
+    pos = idx.detach().contiguous().double().numpy()
+    out = np.empty((n, c, pos.shape[1]))
+    dout = np.empty((n, c, pos.shape[1], d))
+    _kernel(f"cubic{d}d")(flat, pos, out, dout, *coeffs.shape[2:])
+    return torch.from_numpy(out).to(coeffs.dtype), torch.from_numpy(dout).to(coeffs.dtype)
 
 
 def fast_sample(image: Tensor, coords: Tensor, padding: str = "zeros") -> Tensor:

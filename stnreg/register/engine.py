@@ -20,6 +20,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from ..coords import Grid
+from ..cubic import bspline_prefilter, cubic_sample
 from ..fast import fused_affine_loss, fused_available
 from ..image import Image
 from ..losses import REGULARIZERS, RegistrationLoss, dice_loss
@@ -294,33 +295,43 @@ class _Run:
         has_labels = "moving_labels" in p.pyramids
         fused = sim in ("mse", "ncc") and d == 3 and "mask" not in p.pyramids and not has_labels
         fused = fused and fused_available(p.moving_int, "border") and dev.type == "cpu"
+        cubic = (stage.interpolation or ("cubic" if d == 2 else "linear")) == "cubic"
 
         def transform_of(xv: Tensor) -> MatrixTransform:
             return family.with_params(init_params + xv * scale)
 
-        for factor, cap in levels(stage, p.fixed_grid.shape):
+        stage_levels = levels(stage, p.fixed_grid.shape)
+        for li, (factor, cap) in enumerate(stage_levels):
             f_l, fgrid_l = p.pyramids["fixed"](factor)
             m_l, mgrid_l = p.pyramids["moving"](factor)
             mask_l, ohm_l, ohf_l = (p.level(k, factor) for k in ("mask", "moving_labels", "fixed_labels"))
             corners = _corners(fgrid_l, dev)
+            # Cubic reading matters at the last level only, where the subvoxel optimum is decided;
+            # its B-spline coefficients are computed once per level, not per evaluation.
+            cubic_l = cubic and li == len(stage_levels) - 1
+            read = bspline_prefilter(m_l.double()) if cubic_l else m_l
             voxel_l = float(min(fgrid_l.spacing))
 
             def objective(
-                xv: Tensor, f_l=f_l, m_l=m_l, fgrid_l=fgrid_l, mgrid_l=mgrid_l, mask_l=mask_l, ohm_l=ohm_l, ohf_l=ohf_l
-            ) -> Tensor:
+                xv: Tensor, f_l=f_l, m_l=m_l, read=read, cubic_l=cubic_l, fgrid_l=fgrid_l, mgrid_l=mgrid_l,
+                mask_l=mask_l, ohm_l=ohm_l, ohf_l=ohf_l,
+            ) -> Tensor:  # fmt: skip
                 mapping = prefix.compose(transform_of(xv))
                 mapping = mapping if fixed_part is None else mapping.compose(fixed_part)
                 # Only fixed voxels mapped inside the moving image count (ITK's rule): a moved-in
                 # border, read as replicated edge values, would otherwise pull the optimum (0.39 mm
                 # off an exact 3D shift of a prostate MR whose tissue reaches the image edges).
-                if fused and isinstance(mapping, MatrixTransform) and not mapping.projective:
+                if fused and not cubic_l and isinstance(mapping, MatrixTransform) and not mapping.projective:
                     theta = mapping.affine_theta(fgrid_l, mgrid_l)
                     value = fused_affine_loss(m_l, f_l, theta, sim, "border", reduce=False, overlap=True)
                 else:
                     # One sample of MI's voxels per level: a line search compares values of one function.
                     gen = torch.Generator(device=dev).manual_seed(self.seed)
                     coords = mapping.sampling_grid(fgrid_l, mgrid_l)
-                    warped = sample(m_l, coords.to(m_l.dtype), "linear", "border")
+                    if cubic_l:
+                        warped = cubic_sample(read, coords.double(), "border")
+                    else:
+                        warped = sample(m_l, coords.to(m_l.dtype), "linear", "border")
                     inside = _inside(coords, m_l.shape[2:])
                     mask = inside if mask_l is None else inside * mask_l
                     # In float64: near the optimum a line search compares losses that differ by less

@@ -77,9 +77,11 @@ class RegistrationResult:
         protect: Sequence[str | os.PathLike] = (),
         suffix: str | None = None,
         total_displacement: bool = False,
+        qc: bool = True,
     ):
-        """Write warped image, transform files, report and QC figure (and, with ``total_displacement``,
-        the whole transform as one displacement field); see :func:`stnreg.report.save_result`."""
+        """Write warped image, transform files, report and (with ``qc``) the QC figure (and, with
+        ``total_displacement``, the whole transform as one displacement field); see
+        :func:`stnreg.report.save_result`."""
         from ..report import save_result
 
-        return save_result(self, out_dir, protect=protect, suffix=suffix, total_displacement=total_displacement)
+        return save_result(self, out_dir, protect=protect, suffix=suffix, total_displacement=total_displacement, qc=qc)
