@@ -21,7 +21,8 @@ attribute ``ants.config._random_seed`` adds the flag), SimpleITK ``SetMetricSamp
 seed)`` (seed 0 would mean the wall clock), elastix the ``RandomSeed`` parameter, stnreg
 ``torch.manual_seed`` (it is deterministic on CPU; the seed changes nothing).
 
-All threads are limited to one (``THREAD_ENV``): the benchmark machine is shared and small.
+Every library gets the same number of threads (:func:`thread_env`; one by default, as the machine
+is shared and small; ``Workers(threads=2)`` measures what a second thread buys).
 """
 
 from __future__ import annotations
@@ -45,13 +46,24 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-THREAD_ENV = {
-    "OMP_NUM_THREADS": "1",
-    "MKL_NUM_THREADS": "1",
-    "OPENBLAS_NUM_THREADS": "1",
-    "NUMBA_NUM_THREADS": "1",
-    "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": "1",
-}
+THREAD_VARIABLES = (
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "NUMBA_NUM_THREADS",
+    "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS",
+)
+
+
+def thread_env(threads: int) -> dict[str, str]:
+    """The environment that limits every library of a worker to ``threads`` threads."""
+    return dict.fromkeys(THREAD_VARIABLES, str(threads))
+
+
+def worker_threads() -> int:
+    """The thread count this worker was started with."""
+    return int(os.environ.get("OMP_NUM_THREADS", "1"))
+
 
 # A runner registers one job and returns (seconds to the end of the registration call, a function
 # that computes the displacement afterwards, untimed). Its clock starts before it reads the files.
@@ -312,7 +324,12 @@ def run_elastix(job: dict[str, Any]) -> tuple[float, Callable[[], np.ndarray]]:
     t0 = time.perf_counter()
     f, m = itk.imread(job["fixed"], itk.F), itk.imread(job["moving"], itk.F)
     _, params = itk.elastix_registration_method(
-        f, m, parameter_object=po, output_directory=str(job["out"]), log_to_console=False, number_of_threads=1
+        f,
+        m,
+        parameter_object=po,
+        output_directory=str(job["out"]),
+        log_to_console=False,
+        number_of_threads=worker_threads(),
     )
     reg_s = time.perf_counter() - t0  # elastix writes TransformParameters.*.txt and its result image itself
 
@@ -375,11 +392,11 @@ def _run_one(runner: Runner, job: dict[str, Any], warm_dir: Path, warmed: set[st
 def worker_main(library: str) -> None:
     """Serve jobs of one library: a JSON job per stdin line, a tagged JSON row per job on stdout."""
     runner = RUNNERS[library]
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(worker_threads())
     if library == "stnreg":
         import torch
 
-        torch.set_num_threads(1)
+        torch.set_num_threads(worker_threads())
     warmed: set[str] = set()
     with tempfile.TemporaryDirectory() as warm_dir:
         for line in sys.stdin:
@@ -390,8 +407,8 @@ def worker_main(library: str) -> None:
 class Worker:
     """A child process serving one library's jobs (see the module docstring), restarted after a timeout."""
 
-    def __init__(self, library: str, log: Path) -> None:
-        self.library, self.log = library, log
+    def __init__(self, library: str, log: Path, threads: int = 1) -> None:
+        self.library, self.log, self.threads = library, log, threads
         self.proc: subprocess.Popen | None = None
         self.lines: queue.Queue[str | None] = queue.Queue()
 
@@ -403,7 +420,7 @@ class Worker:
             stdout=subprocess.PIPE,
             stderr=fh,
             text=True,
-            env={**os.environ, **THREAD_ENV},
+            env={**os.environ, **thread_env(self.threads)},
             # transformix writes deformationField.nii into the working directory, whatever it is told
             cwd=self.log.parent,
         )
@@ -453,13 +470,13 @@ class Worker:
 class Workers:
     """One :class:`Worker` per library, started on first use; a context manager that stops them all."""
 
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
+    def __init__(self, folder: Path, threads: int = 1) -> None:
+        self.folder, self.threads = folder, threads
         self.pool: dict[str, Worker] = {}
 
     def run(self, library: str, job: dict[str, Any], timeout: float) -> dict[str, Any]:
         if library not in self.pool:
-            self.pool[library] = Worker(library, self.folder / f"worker-{library}.log")
+            self.pool[library] = Worker(library, self.folder / f"worker-{library}.log", self.threads)
         return self.pool[library].run(job, timeout)
 
     def __enter__(self) -> Workers:

@@ -25,7 +25,7 @@ affine + cubic B-spline) and elastix (itk-elastix's default rigid + affine and r
 B-spline parameter maps). Methods with randomness run with seeds 1..``--seeds`` (default 3;
 ``--strong-seeds`` for the stronger ANTs setting) and report the mean and [min, max].
 
-Each library runs in its own worker process (``benchmarks/baselines.py``): one thread, an untimed
+Each library runs in its own worker process (``benchmarks/baselines.py``): one thread (``--threads``), an untimed
 warm-up, wall clock from reading the input files to the written outputs, peak RSS of the run.
 Every method's result becomes a displacement field on the fixed grid, and one code path measures
 Dice, HD95, % folded voxels (``det J <= 0``, central differences) and landmark errors for all of
@@ -370,6 +370,7 @@ def main() -> None:
     ap.add_argument("--strong-seeds", type=int, default=None, help="seeds for --ants-strong (default --seeds)")
     ap.add_argument("--stnreg-runs", type=int, default=1, help="runs of stnreg (deterministic on CPU)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 pairs, 1 seed, no B-spline baselines")
+    ap.add_argument("--threads", type=int, default=1, help="threads per method (every library alike)")
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds before a run counts as failed")
     ap.add_argument("--out", default=None, help="results name (default pairwise-<cases>[-<set>])")
     args = ap.parse_args()
@@ -388,11 +389,11 @@ def main() -> None:
         table = {k: v for k, v in table.items() if "bspline" not in k}
     out_name = args.out or "pairwise-" + "_".join(names) + (f"-{args.set}" if "prostate" in names else "")
     out_name += "-quick" if args.quick and not args.out else ""
-    torch.set_num_threads(1)  # scoring only; every method runs in its worker with one thread
+    torch.set_num_threads(1)  # scoring only; every method runs in its worker with --threads threads
     RESULTS.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     started = time.time()
-    with tempfile.TemporaryDirectory() as tmpd, Workers(Path(tmpd)) as workers:
+    with tempfile.TemporaryDirectory() as tmpd, Workers(Path(tmpd), args.threads) as workers:
         tmp = Path(tmpd)
         cases = [c for name in names for c in CASES[name](args.data, tmp, args)]
         bar = tqdm(total=sum(n for _, _, n in table.values()) * len(cases), desc="pairwise", unit="run")
@@ -429,8 +430,9 @@ def main() -> None:
     head = (
         f"# Pairwise registration benchmark: {', '.join(names)}"
         f"{f' ({args.set} set)' if 'prostate' in names else ''}\n\n"
-        f"`{command}`; {time.time() - started:.0f} s in all; stnreg at {source_state()}; CPU, one "
-        f"thread per method, each library in its own worker process. Values: mean over seeds [min, max]; ANTs and "
+        f"`{command}`; {time.time() - started:.0f} s in all; stnreg at {source_state()}; CPU, "
+        f"{args.threads} thread(s) per method, each library in its own worker process. Values: mean over "
+        "seeds [min, max]; ANTs and "
         f"SimpleITK and elastix with seeds 1..{args.seeds} (the stronger ANTs setting "
         f"{args.strong_seeds or args.seeds}), stnreg {args.stnreg_runs} run(s) (deterministic). "
         "Seconds: wall clock from reading the files to the written outputs; s / ANTs SyN: ratio of "
