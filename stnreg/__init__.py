@@ -19,7 +19,7 @@ from .coords import (
 from .image import Image, as_image
 from .io import read_image, read_transform, write_displacement, write_image, write_transform
 from .nets import LocalizationCNN, MultiSpatialTransformer, SpatialTransformer
-from .register import RegistrationResult, Stage, register
+from .register import RegisterOptions, RegistrationResult, Stage, register
 from .sampler import sample
 from .transforms import (
     FAMILIES,
@@ -57,6 +57,7 @@ __all__ = [
     "NumericalInverse",
     "ParametricTransform",
     "Projective",
+    "RegisterOptions",
     "RegistrationResult",
     "Rigid",
     "Similarity",

@@ -9,9 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import torch
+
+from .errors import InputError
+from .outdir import check_output_folder
+from .register.options import RegisterOptions, resolve_device, stage_defaults_text
 
 __all__ = ["main"]
 
@@ -20,79 +25,71 @@ class CliError(Exception):
     """A user-facing failure: printed as one line, exit code 2."""
 
 
-def _check_output_dir(out: str, inputs: list[str]) -> None:
-    out_p = Path(out).resolve()
-    for p in inputs:
-        if p and Path(p).resolve() == out_p:
-            raise CliError(f"{out}: the output folder is an input file")
-
-
-def _register_one(args: argparse.Namespace, moving: str, fixed: str, labels: list[str] | None, out: str) -> dict:
-    from .io import ImageReadError, read_image
+def _register_one(args: argparse.Namespace, options: RegisterOptions) -> dict:
+    from .io import read_image
     from .register import register
 
-    inputs = [moving, fixed, *(labels or []), *([args.model] if args.model else [])]
-    _check_output_dir(out, inputs)
-    try:
-        mov, fix = read_image(moving), read_image(fixed)
-        lab = None
-        if labels:
-            lab = (read_image(labels[0], label=True), read_image(labels[1], label=True))
-        if args.model:
-            from .learn import register_with_model
+    inputs = [args.moving, args.fixed, *(args.labels or []), *([args.model] if args.model else [])]
+    inputs += [args.mask] if args.mask else []
+    check_output_folder(args.output, inputs, overwrite=args.overwrite)
+    mov, fix = read_image(args.moving), read_image(args.fixed)
+    lab = None
+    if args.labels:
+        lab = (read_image(args.labels[0], label=True), read_image(args.labels[1], label=True))
+    if args.model:
+        from .learn import register_with_model
 
-            result = register_with_model(
-                args.model, mov, fix, args.refine, labels=lab, device=args.device, progress=not args.quiet
-            )
-            result.save(out, protect=inputs)
-            return result.metrics | {"timings": result.timings}
-        mask = read_image(args.mask) if args.mask else None
-        result = register(
-            mov,
-            fix,
-            transform=args.transform,
-            loss=args.loss,
-            window=args.window,
-            window_mm=args.window_mm,
-            labels=lab,
-            dice_weight=args.dice_weight,
-            fixed_mask=mask,
-            init=args.init,
-            device=args.device,
-            progress=not args.quiet,
-            tol=args.tol,
-            linear_loss=args.linear_loss,
+        result = register_with_model(
+            args.model, mov, fix, args.refine, labels=lab, device=options.device, progress=not args.quiet
         )
-    except (ImageReadError, ValueError) as err:
-        raise CliError(str(err)) from None
-    result.save(out, protect=inputs)
+    else:
+        mask = read_image(args.mask) if args.mask else None
+        result = register(mov, fix, labels=lab, fixed_mask=mask, progress=not args.quiet, **options.kwargs())
+    result.save(args.output, protect=inputs, qc=not args.no_qc)
     return result.metrics | {"timings": result.timings}
+
+
+def _register_pairs(args: argparse.Namespace, options: RegisterOptions) -> int:
+    from .batch import register_pairs
+
+    res = register_pairs(
+        args.pairs,
+        args.output,
+        options,
+        devices=args.devices,
+        batch_size=args.batch_size,
+        mask=args.mask,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+    for f in res.failures:
+        print(f"stnreg register: row {f.row} failed: {f.reason}", file=sys.stderr)
+    out = Path(args.output)
+    done = len(res.summary)
+    line = f"registered {done - len(res.skipped)} pair(s) into {out}"
+    line += f", kept {len(res.skipped)} finished earlier (--resume)" if res.skipped else ""
+    line += f"; {len(res.failures)} row(s) failed: see {out / 'failures.csv'}" if res.failures else ""
+    print(f"{line} (summary: {out / 'summary.csv'})")
+    return 1 if res.failures else 0
 
 
 def _register(args: argparse.Namespace) -> int:
     if args.refine and not args.model:
         raise CliError("--refine needs --model CKPT")
-    if args.model and (args.pairs or args.mask):
-        raise CliError("--model registers one pair; --pairs and --mask are not supported with it")
+    if args.model and args.pairs:
+        raise CliError("--model registers one pair; --pairs is not supported with it")
+    if args.pairs and (args.moving or args.labels):
+        raise CliError("with --pairs, list the images (and labels: moving_labels,fixed_labels columns) in the CSV")
+    if args.resume and not args.pairs:
+        raise CliError("--resume continues a --pairs run")
+    options = RegisterOptions.from_namespace(args)
+    resolve_device(options.device)  # before any work: a missing GPU is named, not a traceback
     if args.pairs:
-        from .batch import register_pairs
-
-        rows = register_pairs(
-            args.pairs,
-            args.output,
-            transform=args.transform,
-            loss=args.loss,
-            window=args.window,
-            init=args.init,
-            devices=args.devices,
-            batch_size=args.batch_size,
-            accelerator="gpu" if (args.device or "").startswith("cuda") else "cpu",
-        )
-        print(f"registered {len(rows)} pairs into {args.output} (summary: {Path(args.output) / 'summary.csv'})")
-        return 0
+        return _register_pairs(args, options)
     if not args.moving or not args.fixed:
         raise CliError("give MOVING and FIXED, or --pairs CSV")
-    metrics = _register_one(args, args.moving, args.fixed, args.labels, args.output)
+    metrics = _register_one(args, options)
     summary = {k: v for k, v in metrics.items() if not isinstance(v, dict) or k in ("timings", "jacobian")}
     print(json.dumps(summary, indent=1, default=float))
     print(f"outputs in {args.output}")
@@ -100,27 +97,28 @@ def _register(args: argparse.Namespace) -> int:
 
 
 def _apply(args: argparse.Namespace) -> int:
-    from .io import ImageReadError, read_image, read_transform, write_image
+    from .io import channel_layout, read_image, read_transform, write_image
     from .warp import apply
 
-    try:
-        transform = read_transform(args.transform)
-        image = read_image(args.image, label=args.interpolation != "linear")
-        reference = read_image(args.reference)
-        out = apply(transform, image, reference, args.interpolation)
-    except (ImageReadError, ValueError) as err:
-        raise CliError(str(err)) from None
-    try:
-        write_image(args.output, out, protect=[args.image, args.reference, args.transform])
-    except FileExistsError as err:
-        raise CliError(str(err)) from None
-    print(f"wrote {args.output}")
+    out = Path(args.output)
+    if out.is_dir():
+        raise CliError(f"{out}: is a folder; -o names the output image file")
+    if out.exists() and not args.overwrite:
+        raise CliError(f"{out}: exists; give --overwrite to replace it")
+    transform = read_transform(args.transform)
+    image = read_image(args.image, label=args.interpolation != "linear")
+    reference = read_image(args.reference)
+    warped = apply(transform, image, reference, args.interpolation)
+    write_image(out, warped, protect=[args.image, args.reference, args.transform], channels=channel_layout(args.image))
+    print(f"wrote {out}")
     return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    # The demo's folder is its own: a rerun replaces its results (but never a file in its place).
+    check_output_folder(args.output, overwrite=True)
     r = run_demo(args.output, progress=not args.quiet)
     print("stnreg demo: register a built-in image pair with a known synthetic warp (scikit-image 'camera')")
     print(f"  pipeline {r['transform']} / {r['loss']}, {r['seconds']:.2f} s")
@@ -137,57 +135,57 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every default shown (unless the help already says what it is); the epilog's table kept as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        return text if action.required or "default" in text else super()._get_help_string(action)
+
+
+def _add_options(parser: argparse.ArgumentParser) -> None:
+    """One flag per :class:`RegisterOptions` field, with its default and help."""
+    for f in fields(RegisterOptions):
+        flag = "--" + f.name.replace("_", "-")
+        meta = dict(f.metadata)
+        if meta.pop("flag", False):
+            parser.add_argument(flag, action="store_true", default=f.default, help=meta["help"])
+        else:
+            parser.add_argument(flag, default=f.default, **meta)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stnreg", description="Differentiable image registration (STN)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    reg = sub.add_parser("register", help="register MOVING to FIXED (or a list of pairs)")
+    reg = sub.add_parser(
+        "register",
+        help="register MOVING to FIXED (or a list of pairs)",
+        formatter_class=_HelpFormatter,
+        epilog="default pyramids per stage (levels coarse to fine; a level ends at its tolerance or cap):\n"
+        + stage_defaults_text()
+        + "\n\nLabels (--labels, CSV label columns): the first label channel is scored (Dice, HD95) and used "
+        "by --dice-weight.",
+    )
     reg.add_argument("moving", nargs="?")
     reg.add_argument("fixed", nargs="?")
-    reg.add_argument("-o", "--output", required=True, help="output folder")
+    reg.add_argument("-o", "--output", required=True, help="output folder (new or empty, or see --overwrite)")
+    _add_options(reg)
     reg.add_argument(
-        "--transform",
-        default="rigid+affine+svf",
-        help="'+'-joined stages (default: %(default)s). Matrix families (translation, rigid, similarity, affine, "
-        "projective) run L-BFGS to convergence on a global NCC (MI with --loss mi); deformable families (last, "
-        "at most one): svf, displacement, bspline, tps (Adam on a regularized parametric field), syn (symmetric "
-        "greedy diffeomorphic updates with Gaussian-smoothed steps, as ANTs SyN)",
+        "--labels", nargs=2, metavar=("MOVING_LABELS", "FIXED_LABELS"), help="label maps: Dice/HD95, --dice-weight"
     )
-    reg.add_argument(
-        "--loss",
-        default="lncc",
-        choices=["mse", "ncc", "lncc", "mi"],
-        help="similarity of the deformable stage (default: %(default)s); matrix stages use ncc for lncc",
-    )
-    reg.add_argument(
-        "--linear-loss",
-        choices=["mse", "ncc", "lncc", "mi"],
-        help="similarity of the matrix stages (default: ncc for --loss lncc, else --loss). lncc aligns local "
-        "structure better between subjects, ncc recovers exact transforms more precisely and runs faster",
-    )
-    reg.add_argument(
-        "--window", type=float, default=9, help="LNCC window (voxels, or mm with --window-mm; default: %(default)s)"
-    )
-    reg.add_argument("--window-mm", action="store_true")
-    reg.add_argument("--labels", nargs=2, metavar=("MOVING_LABELS", "FIXED_LABELS"))
-    reg.add_argument("--dice-weight", type=float, default=0.0, help="weight of a Dice loss on --labels")
-    reg.add_argument("--mask", help="fixed-space mask restricting the similarity")
-    reg.add_argument("--init", default="com", choices=["com", "moments", "none"])
-    reg.add_argument(
-        "--tol",
-        type=float,
-        default=None,
-        help="convergence of every stage (default: each stage's own): matrix stages stop once an update moves "
-        "no point by more than TOL voxels (default 0.001); svf/bspline/tps/syn levels once the best loss "
-        "gained less than TOL (relative; default 0.001, syn 0.005) over 10 iterations; 0 runs every level to its cap",
-    )
-    reg.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    reg.add_argument("--mask", help="fixed-space mask restricting the similarity (with --pairs: every row's)")
     reg.add_argument("--model", help="a trained registration checkpoint (stnreg fit): one forward pass")
     reg.add_argument("--refine", type=int, default=0, help="with --model: N steps of instance optimization after it")
-    reg.add_argument("--pairs", help="CSV with columns moving,fixed[,moving_labels,fixed_labels]")
-    reg.add_argument("--devices", type=int, default=1, help="processes/GPUs for --pairs (Lightning)")
+    reg.add_argument("--pairs", help="CSV with columns moving,fixed[,moving_labels,fixed_labels][,mask]")
+    reg.add_argument("--devices", type=int, default=1, help="processes (CPU) or GPUs for --pairs (Lightning)")
     reg.add_argument("--batch-size", type=int, default=4, help="--pairs on equal grids optimized together")
+    reg.add_argument("--resume", action="store_true", help="--pairs: keep the pairs an earlier run finished")
+    reg.add_argument(
+        "--overwrite", action="store_true", help="write into a non-empty output folder (its other files are kept)"
+    )
+    reg.add_argument("--no-qc", action="store_true", help="skip the QC figure (qc.png)")
     reg.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     reg.set_defaults(func=_register)
 
@@ -196,7 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
     app.add_argument("image")
     app.add_argument("--reference", required=True, help="image whose grid the output takes (the fixed image)")
     app.add_argument("-o", "--output", required=True)
-    app.add_argument("--interpolation", default="linear", choices=["linear", "nearest", "label"])
+    app.add_argument(
+        "--interpolation",
+        default="linear",
+        choices=["linear", "nearest", "label"],
+        help="linear for intensities; label (each label's indicator interpolated, the likeliest kept) for label "
+        "maps; every channel is warped (default: %(default)s)",
+    )
+    app.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     app.set_defaults(func=_apply)
 
     demo = sub.add_parser("demo", help="register a built-in pair with a known warp (no download)")
@@ -218,7 +223,11 @@ def _lightning(argv: list[str]) -> int:
     """Run LightningCLI (any LightningModule/DataModule named by ``class_path`` in the config)."""
     from lightning.pytorch.cli import LightningCLI
 
-    LightningCLI(args=argv, save_config_kwargs={"overwrite": True}, parser_kwargs={"prog": "stnreg"})
+    try:
+        LightningCLI(args=argv, save_config_kwargs={"overwrite": True}, parser_kwargs={"prog": "stnreg"})
+    except InputError as err:  # the config's data: missing, unreadable, inconsistent
+        print(f"stnreg {argv[0]}: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -231,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         return args.func(args)
-    except (CliError, FileExistsError) as err:
+    except (CliError, InputError, FileExistsError) as err:
         print(f"stnreg {args.command}: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

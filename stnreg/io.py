@@ -19,6 +19,7 @@ import struct
 import tempfile
 import zlib
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ import SimpleITK as sitk
 import torch
 
 from .coords import Grid
+from .errors import InputError
 from .image import Image
 from .transforms.base import Composite, Transform
 from .transforms.dense import Displacement
@@ -34,9 +36,12 @@ from .transforms.matrix import Affine, MatrixTransform
 __all__ = [
     "IMAGE_SUFFIXES",
     "TRANSFORM_SUFFIXES",
+    "ImageInfo",
     "ImageReadError",
+    "channel_layout",
     "displacement_to_sitk",
     "grid_from_sitk",
+    "image_info",
     "read_image",
     "read_transform",
     "to_sitk",
@@ -49,7 +54,7 @@ IMAGE_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".nhdr", ".png", "
 TRANSFORM_SUFFIXES = (".tfm", ".txt", ".mat", ".h5", ".hdf5")
 
 
-class ImageReadError(ValueError):
+class ImageReadError(InputError):
     """A file that cannot be used as an image; the message names the file and the problem."""
 
 
@@ -100,6 +105,12 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, Grid, int]:
     except Exception as err:  # ITK and nibabel raise many types for broken files
         raise ImageReadError(f"{path}: cannot read as an image (truncated or corrupt: {_reason(err)})") from None
     n = reader.GetDimension()
+    if n > 4 or (n == 4 and reader.GetNumberOfComponents() > 1):
+        shape = "x".join(str(v) for v in arr.shape)
+        raise ImageReadError(
+            f"{path}: a {arr.ndim}D image ({shape}); stnreg reads 2D or 3D images, with channels as vector "
+            "components or as a 4th axis"
+        )
     # Vector images keep all ITK axes as space; a 4th scalar axis (4D label files) becomes channels.
     spatial = n if reader.GetNumberOfComponents() > 1 else min(n, 3)
     size = arr.shape[:spatial]
@@ -180,10 +191,20 @@ def to_sitk(image: Image) -> sitk.Image:
         img = sitk.GetImageFromArray(arr[0])
     else:
         img = sitk.GetImageFromArray(np.moveaxis(arr, 0, -1), isVector=True)
+    return _with_geometry(img, image)
+
+
+def _with_geometry(img: sitk.Image, image: Image) -> sitk.Image:
     img.SetSpacing(image.grid.spacing)
     img.SetOrigin(image.grid.origin)
     img.SetDirection([v for row in image.grid.direction for v in row])
     return img
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _atomic_write(path: Path, protect: Iterable[str | os.PathLike], writer) -> Path:
@@ -195,6 +216,8 @@ def _atomic_write(path: Path, protect: Iterable[str | os.PathLike], writer) -> P
     suffix = _suffix(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
+    # mkstemp creates 0600; a result gets the mode any new file of the user's would (0666 - umask).
+    os.chmod(tmp, 0o666 & ~_umask())
     try:
         writer(tmp)
         os.replace(tmp, path)
@@ -205,9 +228,93 @@ def _atomic_write(path: Path, protect: Iterable[str | os.PathLike], writer) -> P
     return path
 
 
-def write_image(path: str | os.PathLike, image: Image, protect: Iterable[str | os.PathLike] = ()) -> Path:
-    """Write ``image`` atomically; 8-bit formats (PNG/JPEG/BMP) get values clipped to 0-255."""
+@dataclass(frozen=True)
+class ImageInfo:
+    """An image file's geometry from its header alone: what :func:`read_image` would return, unread.
+
+    Attributes:
+        shape: spatial shape in array order ``(H, W)`` / ``(D, H, W)``.
+        channels: number of channels (vector components, or the 4th axis of a 4D scalar file).
+        spacing, origin, direction: as :class:`~stnreg.coords.Grid` (x, y, z order), rounded for comparison.
+    """
+
+    shape: tuple[int, ...]
+    channels: int
+    spacing: tuple[float, ...]
+    origin: tuple[float, ...]
+    direction: tuple[float, ...]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+
+def image_info(path: str | os.PathLike) -> ImageInfo:
+    """Check that ``path`` is a 2D/3D image (+ channels) and return its geometry, without reading pixels.
+
+    Raises:
+        ImageReadError: missing file, a folder, not an image, or an unsupported number of dimensions.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ImageReadError(f"{p}: no such file")
+    if p.is_dir():
+        raise ImageReadError(f"{p}: is a folder, not an image file")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(p))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as err:
+        raise ImageReadError(f"{p}: cannot read as an image ({_reason(err)})") from None
+    n, comps, size = reader.GetDimension(), reader.GetNumberOfComponents(), reader.GetSize()
+    spatial = n - 1 if n == 4 and comps == 1 else n
+    if spatial not in (2, 3) or (n == 4 and comps > 1):
+        shape = "x".join(str(v) for v in size) + (f" x {comps} components" if comps > 1 else "")
+        raise ImageReadError(
+            f"{p}: a {n}D image ({shape}); stnreg reads 2D or 3D images, with channels as vector components "
+            "or as a 4th axis"
+        )
+    channels = comps if spatial == n else size[3]
+
+    def rnd(v: tuple[float, ...]) -> tuple[float, ...]:
+        return tuple(round(float(x), 4) for x in v)
+
+    d = np.asarray(reader.GetDirection()).reshape(n, n)[:spatial, :spatial]
+    return ImageInfo(
+        tuple(reversed(size[:spatial])),
+        channels,
+        rnd(reader.GetSpacing()[:spatial]),
+        rnd(reader.GetOrigin()[:spatial]),
+        rnd(tuple(d.ravel())),
+    )
+
+
+def channel_layout(path: str | os.PathLike) -> str:
+    """How a file stores channels: ``"axis"`` for a 4th image axis of scalars (4D NIfTI label files),
+    else ``"vector"`` (vector components, or a single channel); read from the header alone."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as err:
+        raise ImageReadError(f"{path}: cannot read as an image ({_reason(err)})") from None
+    return "axis" if reader.GetDimension() == 4 and reader.GetNumberOfComponents() == 1 else "vector"
+
+
+def write_image(
+    path: str | os.PathLike, image: Image, protect: Iterable[str | os.PathLike] = (), channels: str = "vector"
+) -> Path:
+    """Write ``image`` atomically; 8-bit formats (PNG/JPEG/BMP) get values clipped to 0-255.
+
+    ``channels``: several channels of a 3D image become vector components (``"vector"``) or a 4th
+    image axis (``"axis"``, as 4D label files store them; see :func:`channel_layout`).
+    """
+    if channels not in ("vector", "axis"):
+        raise ValueError(f"channels must be 'vector' or 'axis', got {channels!r}")
     img = to_sitk(image)
+    if channels == "axis" and image.data.shape[0] > 1 and image.ndim == 3:
+        arr = image.data.detach().cpu().numpy()
+        img = sitk.JoinSeries([_with_geometry(sitk.GetImageFromArray(a), image) for a in arr])
     if _suffix(Path(path)) in (".png", ".jpg", ".jpeg", ".bmp") and img.GetPixelID() not in (sitk.sitkUInt8,):
         img = sitk.Cast(sitk.Clamp(sitk.Round(img), sitk.sitkFloat32, 0, 255), sitk.sitkUInt8)
     return _atomic_write(Path(path), protect, lambda tmp: sitk.WriteImage(img, tmp, useCompression=True))
@@ -317,7 +424,13 @@ def _read_one_transform(path: Path) -> Transform:
             parts = [itk.GetNthTransform(i) for i in range(itk.GetNumberOfTransforms())]
             return Composite([_from_sitk_transform(t, path) for t in parts])
         return _from_sitk_transform(itk, path)
-    img = sitk.ReadImage(str(path))
+    try:
+        img = sitk.ReadImage(str(path))
+    except RuntimeError as err:
+        raise ImageReadError(
+            f"{path}: cannot read as a transform (an ITK transform file {', '.join(TRANSFORM_SUFFIXES)}, a "
+            f"displacement field image, or a 'stnreg register' output folder): {_reason(err)}"
+        ) from None
     if img.GetNumberOfComponentsPerPixel() != img.GetDimension():
         raise ImageReadError(f"{path}: not a displacement field (needs {img.GetDimension()} vector components)")
     grid = grid_from_sitk(img)

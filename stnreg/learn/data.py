@@ -29,6 +29,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from ..coords import lattice
+from ..errors import DataNotFoundError, InputError
 from ..io import read_image
 from ..sampler import sample
 
@@ -53,7 +54,7 @@ def resolve_data_path(path: str | os.PathLike) -> Path:
     if root and (Path(root) / p).exists():
         return Path(root) / p
     where = f" or under STNREG_DATA={root}" if root else " (set STNREG_DATA to look under a data folder)"
-    raise FileNotFoundError(f"{path}: not found as given{where}")
+    raise DataNotFoundError(f"{path}: not found as given{where}")
 
 
 def normalize_intensity(x: Tensor) -> Tensor:
@@ -81,7 +82,7 @@ def _resize(x: Tensor, shape: Sequence[int], mode: str) -> Tensor:
 def _files(folder: Path) -> list[Path]:
     files = sorted(p for p in folder.iterdir() if p.name.lower().endswith(IMAGE_SUFFIXES))
     if not files:
-        raise ValueError(f"{folder}: no image files ({', '.join(IMAGE_SUFFIXES)})")
+        raise InputError(f"{folder}: no image files ({', '.join(IMAGE_SUFFIXES)})")
     return files
 
 
@@ -92,13 +93,13 @@ def _label_channels(maps: list[Tensor], channels: Sequence[int] | None) -> list[
         # Files with differing channel counts (DeepReg's prostate labels): keep those all share.
         keep = list(range(min(counts))) if channels is None else list(channels)
         if max(keep) >= min(counts):
-            raise ValueError(f"label channel {max(keep)} requested, but some label files have only {min(counts)}")
+            raise InputError(f"label channel {max(keep)} requested, but some label files have only {min(counts)}")
         return [(m[keep] > 0).to(torch.uint8) for m in maps]
     values = sorted({int(v) for m in maps for v in torch.unique(m).tolist() if v != 0})
     if channels is not None:
         values = [values[i] for i in channels]
     if not values:
-        raise ValueError("the label maps are empty (no non-zero label)")
+        raise InputError("the label maps are empty (no non-zero label)")
     return [torch.stack([m[0] == v for v in values]).to(torch.uint8) for m in maps]
 
 
@@ -129,7 +130,7 @@ def load_collection(
     if src.suffix == ".npy":
         arr = np.load(src, mmap_mode="r")[sl]
         if arr.ndim not in (3, 4, 5):
-            raise ValueError(f"{src}: expected a stack (N, *spatial) or (N, C, *spatial), got shape {arr.shape}")
+            raise InputError(f"{src}: expected a stack (N, *spatial) or (N, C, *spatial), got shape {arr.shape}")
         # (N, H, W): 2D; (N, D, H, W): 3D; (N, C, D, H, W): 3D with channels.
         imgs = [torch.as_tensor(np.array(a, dtype=np.float32)) for a in arr]
         imgs = [x if arr.ndim == 5 else x.unsqueeze(0) for x in imgs]
@@ -139,17 +140,17 @@ def load_collection(
             label_maps = [torch.as_tensor(np.array(a)).reshape(-1, *imgs[0].shape[1:]) for a in la]
     else:
         if not src.is_dir():
-            raise ValueError(f"{src}: give an .npy stack or a folder of images")
+            raise InputError(f"{src}: give an .npy stack or a folder of images")
         files = _files(src)[sl]
         imgs = [read_image(f).data.float() for f in files]
         label_maps = None
         if lab is not None:
             lfiles = _files(lab)[sl]
             if len(lfiles) != len(files):
-                raise ValueError(f"{lab}: {len(lfiles)} label files for {len(files)} images in {src}")
+                raise InputError(f"{lab}: {len(lfiles)} label files for {len(files)} images in {src}")
             label_maps = [read_image(f, label=True).data for f in lfiles]
     if not imgs:
-        raise ValueError(f"{src}: the selection {index} holds no images")
+        raise InputError(f"{src}: the selection {index} holds no images")
     return _finish(imgs, label_maps, shape, label_channels, str(src))
 
 
@@ -163,13 +164,13 @@ def _finish(
     """Stack ``(C, *spatial)`` images (channel mean, resized, normalized) and binary label channels."""
     sizes = {tuple(x.shape[1:]) for x in imgs}
     if shape is None and len(sizes) > 1:
-        raise ValueError(f"{what}: images of different sizes {sorted(sizes)[:4]}: set shape to resample them")
+        raise InputError(f"{what}: images of different sizes {sorted(sizes)[:4]}: set shape to resample them")
     target = tuple(shape) if shape is not None else sizes.pop()
     images = torch.cat([normalize_intensity(_resize(x.mean(0, keepdim=True)[None], target, "linear")) for x in imgs])
     if label_maps is None:
         return images, None
     if any(tuple(m.shape[1:]) != tuple(x.shape[1:]) for m, x in zip(label_maps, imgs, strict=True)):
-        raise ValueError(f"{what}: label maps and images differ in size")
+        raise InputError(f"{what}: label maps and images differ in size")
     chans = _label_channels(label_maps, label_channels)
     return images, torch.cat([_resize(c[None].float(), target, "nearest").to(torch.uint8) for c in chans])
 
@@ -193,7 +194,7 @@ def load_paired(
     sl = slice(None) if index is None else slice(*index)
     mfiles, ffiles = _files(base / "moving_images")[sl], _files(base / "fixed_images")[sl]
     if len(mfiles) != len(ffiles):
-        raise ValueError(f"{base}: {len(mfiles)} moving but {len(ffiles)} fixed images")
+        raise InputError(f"{base}: {len(mfiles)} moving but {len(ffiles)} fixed images")
     has_labels = (base / "moving_labels").is_dir() and (base / "fixed_labels").is_dir()
     mlf = _files(base / "moving_labels")[sl] if has_labels else [None] * len(mfiles)
     flf = _files(base / "fixed_labels")[sl] if has_labels else [None] * len(mfiles)
@@ -208,7 +209,7 @@ def load_paired(
                 mlabs.append(apply(ident, read_image(ml, label=True), fix, "nearest").data)
                 flabs.append(read_image(fl, label=True).data)
     if not movs:
-        raise ValueError(f"{base}: the selection {index} holds no pairs")
+        raise InputError(f"{base}: the selection {index} holds no pairs")
     mov_t, mlab_t = _finish(movs, mlabs or None, shape, label_channels, str(base / "moving_images"))
     fix_t, flab_t = _finish(fixs, flabs or None, shape, label_channels, str(base / "fixed_images"))
     return mov_t, fix_t, mlab_t, flab_t
@@ -230,7 +231,7 @@ class PairDataset(Dataset):
         fixed_labels: Tensor | None = None,
     ) -> None:
         if moving.shape[2:] != fixed.shape[2:]:
-            raise ValueError(f"moving {tuple(moving.shape[2:])} and fixed {tuple(fixed.shape[2:])} sizes differ")
+            raise InputError(f"moving {tuple(moving.shape[2:])} and fixed {tuple(fixed.shape[2:])} sizes differ")
         self.moving, self.fixed, self.pairs = moving, fixed, list(pairs)
         self.moving_labels, self.fixed_labels = moving_labels, fixed_labels
 
@@ -251,7 +252,7 @@ def _pairs(n: int, mode: str, train: bool) -> list[tuple[int, int]]:
     if mode == "atlas":
         return [(i, 0) for i in range(n)]
     if n < 2:
-        raise ValueError("inter-subject pairs need at least two images")
+        raise InputError("inter-subject pairs need at least two images")
     if train:
         return [(i, j) for i in range(n) for j in range(n) if i != j]
     return [(i, (i + 1) % n) for i in range(n)]
@@ -290,9 +291,9 @@ class PairDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         if mode not in ("inter", "paired", "atlas"):
-            raise ValueError(f"mode must be 'inter', 'paired' or 'atlas', got {mode!r}")
+            raise InputError(f"mode must be 'inter', 'paired' or 'atlas', got {mode!r}")
         if mode == "atlas" and atlas is None:
-            raise ValueError("mode 'atlas' needs atlas (an image path or an index)")
+            raise InputError("mode 'atlas' needs atlas (an image path or an index)")
         self.save_hyperparameters()
         self.train_set: PairDataset | None = None
         self.val_set: PairDataset | None = None

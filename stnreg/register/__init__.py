@@ -13,7 +13,8 @@ The package splits the work at a problem / objective / solver seam:
 - :mod:`.parametrize`: each family's variables (scaled so that one unit is about one voxel);
 - :mod:`.solvers`: L-BFGS and Adam behind one ``minimize(objective, x0, budget, stop, callbacks)``;
 - :mod:`.syn`: the symmetric greedy diffeomorphic stage;
-- :mod:`.engine`: the orchestrator; :mod:`.result`: :class:`RegistrationResult`.
+- :mod:`.engine`: the orchestrator; :mod:`.result`: :class:`RegistrationResult`;
+- :mod:`.options`: :class:`RegisterOptions`, the options and defaults shared with the command line.
 
 Staging: each stage starts at the identity and is composed after the frozen product of the
 previous ones. Matrix stages fold into one matrix ``M``; the deformable stage (at most one, last)
@@ -23,7 +24,16 @@ centre-of-mass (or principal-moments) alignment.
 """
 
 from .engine import register, register_many
+from .options import RegisterOptions
 from .result import RegistrationResult
 from .stages import DEFAULTS, Stage, parse_pipeline
 
-__all__ = ["DEFAULTS", "RegistrationResult", "Stage", "parse_pipeline", "register", "register_many"]
+__all__ = [
+    "DEFAULTS",
+    "RegisterOptions",
+    "RegistrationResult",
+    "Stage",
+    "parse_pipeline",
+    "register",
+    "register_many",
+]

@@ -31,6 +31,7 @@ from ..transforms.dense import Displacement
 from ..transforms.matrix import Affine, MatrixTransform, Projective
 from ..warp import apply, warp
 from .initialize import initial_matrix
+from .options import RegisterOptions, resolve_device
 from .parametrize import field_for_regularizer, item, make_stage_transform, params_from_raw, refine_field, scale_for
 from .problem import Problem, build_problem
 from .result import RegistrationResult
@@ -40,6 +41,9 @@ from .syn import SymmetricGreedy, SynLevel, result_displacement, upsample
 
 __all__ = ["register", "register_many"]
 
+# The defaults of every option, shared with the command line and the batch runner.
+_D = RegisterOptions()
+
 Callback = Callable[[int, Tensor], None]
 # The smallest fraction of the fixed image that must map inside the moving image (reference path).
 MIN_OVERLAP = 0.25
@@ -48,8 +52,8 @@ MIN_OVERLAP = 0.25
 def register(
     moving: Any,
     fixed: Any,
-    transform: str | Sequence[str | Stage] = "rigid+affine+svf",
-    loss: str = "lncc",
+    transform: str | Sequence[str | Stage] = _D.transform,
+    loss: str = _D.loss,
     *,
     labels: tuple[Any, Any] | None = None,
     **kwargs: Any,
@@ -75,24 +79,24 @@ def register(
 def register_many(
     movings: Sequence[Any],
     fixeds: Sequence[Any],
-    transform: str | Sequence[str | Stage] = "rigid+affine+svf",
-    loss: str = "lncc",
+    transform: str | Sequence[str | Stage] = _D.transform,
+    loss: str = _D.loss,
     *,
-    window: int | float = 9,
-    window_mm: bool = False,
-    bins: int = 32,
+    window: int | float = _D.window,
+    window_mm: bool = _D.window_mm,
+    bins: int = _D.bins,
     regularization: dict[str, float] | None = None,
     labels: Sequence[tuple[Any, Any] | None] | None = None,
-    dice_weight: float = 0.0,
+    dice_weight: float = _D.dice_weight,
     fixed_mask: Any = None,
-    init: str = "com",
+    init: str = _D.init,
     initial_matrix: Tensor | None = None,
     initial_deformable: Transform | None = None,
-    device: str | torch.device | None = None,
+    device: str | torch.device | None = _D.device,
     progress: bool = True,
-    seed: int = 0,
-    tol: float | None = None,
-    linear_loss: str | None = None,
+    seed: int = _D.seed,
+    tol: float | None = _D.tol,
+    linear_loss: str | None = _D.linear_loss,
 ) -> list[RegistrationResult]:
     """Register ``N`` pairs; all fixed images share one grid, and all moving images another.
 
@@ -135,7 +139,7 @@ def register_many(
     if tol is not None:
         for s in stages:
             s.tol = tol
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = resolve_device(device)
     problem = build_problem(
         movings,
         fixeds,
