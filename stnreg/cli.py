@@ -97,7 +97,7 @@ def _register(args: argparse.Namespace) -> int:
 
 
 def _apply(args: argparse.Namespace) -> int:
-    from .io import channel_layout, read_image, read_transform, write_image
+    from .io import image_info, read_image, read_transform, write_image
     from .warp import apply
 
     out = Path(args.output)
@@ -109,7 +109,8 @@ def _apply(args: argparse.Namespace) -> int:
     image = read_image(args.image, label=args.interpolation != "linear")
     reference = read_image(args.reference)
     warped = apply(transform, image, reference, args.interpolation)
-    write_image(out, warped, protect=[args.image, args.reference, args.transform], channels=channel_layout(args.image))
+    layout = image_info(args.image).layout  # a 4D label file stays 4D
+    write_image(out, warped, protect=[args.image, args.reference, args.transform], channels=layout)
     print(f"wrote {out}")
     return 0
 

@@ -38,7 +38,6 @@ __all__ = [
     "TRANSFORM_SUFFIXES",
     "ImageInfo",
     "ImageReadError",
-    "channel_layout",
     "displacement_to_sitk",
     "grid_from_sitk",
     "image_info",
@@ -236,6 +235,8 @@ class ImageInfo:
         shape: spatial shape in array order ``(H, W)`` / ``(D, H, W)``.
         channels: number of channels (vector components, or the 4th axis of a 4D scalar file).
         spacing, origin, direction: as :class:`~stnreg.coords.Grid` (x, y, z order), rounded for comparison.
+        layout: how the file stores channels: ``"axis"`` for a 4th image axis of scalars (4D NIfTI label
+            files), else ``"vector"`` (vector components, or one channel); see :func:`write_image`.
     """
 
     shape: tuple[int, ...]
@@ -243,6 +244,7 @@ class ImageInfo:
     spacing: tuple[float, ...]
     origin: tuple[float, ...]
     direction: tuple[float, ...]
+    layout: str
 
     @property
     def ndim(self) -> int:
@@ -286,19 +288,8 @@ def image_info(path: str | os.PathLike) -> ImageInfo:
         rnd(reader.GetSpacing()[:spatial]),
         rnd(reader.GetOrigin()[:spatial]),
         rnd(tuple(d.ravel())),
+        "vector" if spatial == n else "axis",
     )
-
-
-def channel_layout(path: str | os.PathLike) -> str:
-    """How a file stores channels: ``"axis"`` for a 4th image axis of scalars (4D NIfTI label files),
-    else ``"vector"`` (vector components, or a single channel); read from the header alone."""
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError as err:
-        raise ImageReadError(f"{path}: cannot read as an image ({_reason(err)})") from None
-    return "axis" if reader.GetDimension() == 4 and reader.GetNumberOfComponents() == 1 else "vector"
 
 
 def write_image(
@@ -307,7 +298,7 @@ def write_image(
     """Write ``image`` atomically; 8-bit formats (PNG/JPEG/BMP) get values clipped to 0-255.
 
     ``channels``: several channels of a 3D image become vector components (``"vector"``) or a 4th
-    image axis (``"axis"``, as 4D label files store them; see :func:`channel_layout`).
+    image axis (``"axis"``, as 4D label files store them; see :attr:`ImageInfo.layout`).
     """
     if channels not in ("vector", "axis"):
         raise ValueError(f"channels must be 'vector' or 'axis', got {channels!r}")

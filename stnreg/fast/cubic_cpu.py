@@ -44,6 +44,26 @@ def _taps(f: float, n: int):
     return (_mirror(i, n), _mirror(i + 1, n), _mirror(i + 2, n), _mirror(i + 3, n))
 
 
+@nb.njit(**INLINE)
+def _plane(flat, b: int, c: int, base: int, tx, ty, wx, sx, wy, sy, w: int):
+    """Value and (x, y) slopes of the 4 x 4 taps of one z plane starting at flat offset ``base``."""
+    v = 0.0
+    gx = 0.0
+    gy = 0.0
+    for j in range(4):
+        row = base + ty[j] * w
+        rv = 0.0
+        rg = 0.0
+        for i in range(4):
+            a = flat[b, c, row + tx[i]]
+            rv += wx[i] * a
+            rg += sx[i] * a
+        v += wy[j] * rv
+        gx += wy[j] * rg
+        gy += sy[j] * rv
+    return v, gx, gy
+
+
 # The point functions are compiled apart from the prange drivers (not inlined): numba's parallel
 # array analysis fails on their tuples otherwise.
 @nb.njit(**FAST)
@@ -55,20 +75,7 @@ def _point2d(flat, idx, out, dout, b: int, p: int, h: int, w: int) -> None:
     tx = _taps(fx, w)
     ty = _taps(fy, h)
     for c in range(flat.shape[1]):
-        v = 0.0
-        gx = 0.0
-        gy = 0.0
-        for j in range(4):
-            row = ty[j] * w
-            rv = 0.0
-            rg = 0.0
-            for i in range(4):
-                a = flat[b, c, row + tx[i]]
-                rv += wx[i] * a
-                rg += sx[i] * a
-            v += wy[j] * rv
-            gx += wy[j] * rg
-            gy += sy[j] * rv
+        v, gx, gy = _plane(flat, b, c, 0, tx, ty, wx, sx, wy, sy, w)
         out[b, c, p] = v
         dout[b, c, p, 0] = gx
         dout[b, c, p, 1] = gy
@@ -91,21 +98,7 @@ def _point3d(flat, idx, out, dout, b: int, p: int, d: int, h: int, w: int) -> No
         gy = 0.0
         gz = 0.0
         for k in range(4):
-            plane = tz[k] * h * w
-            pv = 0.0
-            pgx = 0.0
-            pgy = 0.0
-            for j in range(4):
-                row = plane + ty[j] * w
-                rv = 0.0
-                rg = 0.0
-                for i in range(4):
-                    a = flat[b, c, row + tx[i]]
-                    rv += wx[i] * a
-                    rg += sx[i] * a
-                pv += wy[j] * rv
-                pgx += wy[j] * rg
-                pgy += sy[j] * rv
+            pv, pgx, pgy = _plane(flat, b, c, tz[k] * h * w, tx, ty, wx, sx, wy, sy, w)
             v += wz[k] * pv
             gx += wz[k] * pgx
             gy += wz[k] * pgy
