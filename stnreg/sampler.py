@@ -16,7 +16,7 @@ from torch import Tensor
 from ._checks import check_image, expand_batch
 from .coords import normalized_to_index
 from .cubic import bspline_prefilter, cubic_sample
-from .fast import fast_available, fast_sample
+from .fast.dispatch import try_fast_sample, try_label_sample
 
 __all__ = ["MODES", "PADDINGS", "gaussian_blur", "local_scale", "sample"]
 
@@ -160,6 +160,12 @@ def sample(
         raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
     ndim = check_image(image, allow_integer=mode not in ("linear", "cubic"))
     _check_coords(coords, ndim)
+    if mode == "label":
+        # On the CPU one vote per output voxel among its neighbours' labels (stnreg.fast): the same
+        # values, ties included, without a pass per label; it broadcasts a batch of 1 itself.
+        out = try_label_sample(image, coords, padding)
+        if out is not None:
+            return out
     image, coords = expand_batch(image, coords, "image and coordinates")
     if mode in ("linear", "cubic"):
         coords = coords.to(image.dtype)
@@ -170,11 +176,9 @@ def sample(
     if mode == "cubic":
         return cubic_sample(bspline_prefilter(image), coords, padding)
     if mode == "linear":
-        if ndim == 3 and coords.device.type == "cpu" and fast_available(image, padding):
-            # Numba trilinear kernels, the same numbers as grid_sample (stnreg.fast); in 2D
-            # grid_sample's own vectorized kernel measured faster.
-            return fast_sample(image, coords, padding)
-        return F.grid_sample(image, coords, "bilinear", padding, align_corners=False)
+        # Numba trilinear kernels where they apply, the same numbers as grid_sample (stnreg.fast).
+        out = try_fast_sample(image, coords, padding)
+        return F.grid_sample(image, coords, "bilinear", padding, align_corners=False) if out is None else out
     if mode == "label":
         return _label_sample(image, coords, padding)
     # Integers travel through float64, which holds every int32 label exactly.

@@ -1,14 +1,19 @@
-import importlib
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 import stnreg
-from stnreg.fast import fast_available, fast_lncc, fused_affine_warp
+from stnreg.fast import dispatch, fast_available, fast_lncc, fused_affine_warp
 
 pytestmark = pytest.mark.skipif(not fast_available(torch.zeros(1), "zeros"), reason="numba kernels unavailable")
+
+
+@pytest.fixture
+def ran():
+    """``ran(site, path)``: how often :mod:`stnreg.fast.dispatch` chose ``path`` at ``site`` in this test."""
+    with dispatch.record() as events:
+        yield lambda site, path: sum(e[:2] == (site, path) for e in events)
 
 
 def _reference(image, theta, out, padding):
@@ -42,13 +47,28 @@ def test_gradcheck_float64(d):
     assert torch.autograd.gradcheck(lambda i, t: fused_affine_warp(i, t, (4,) * d, "zeros"), (image, theta))
 
 
-def test_warp_uses_the_fast_path_transparently(monkeypatch):
+def test_warp_uses_the_fast_path_transparently(monkeypatch, ran):
     image = torch.rand(1, 1, 12, 13, 14)
     t = stnreg.Affine(3, params=torch.eye(3, 4).unsqueeze(0) + 0.05)
     fast = stnreg.warp(image, t, out=(8, 9, 10))
+    assert ran("warp", "affine") == 1
     monkeypatch.setenv("STNREG_FAST", "0")
     ref = stnreg.warp(image, t, out=(8, 9, 10))
+    assert ran("warp", "affine") == 1 and ran("warp", "reference") == 1
     torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_the_report_switch_says_which_path_ran_and_why(monkeypatch, capsys):
+    monkeypatch.setenv("STNREG_FAST_REPORT", "1")
+    t = stnreg.Affine(3, params=torch.eye(3, 4).unsqueeze(0) + 0.05)
+    stnreg.warp(torch.rand(1, 1, 6, 7, 8), t)
+    stnreg.warp(torch.rand(1, 1, 6, 7), stnreg.Affine(2))
+    monkeypatch.setenv("STNREG_FAST", "0")
+    stnreg.warp(torch.rand(1, 1, 6, 7, 8), t)
+    lines = capsys.readouterr().err.splitlines()
+    assert "stnreg.fast: warp: affine" in lines
+    assert "stnreg.fast: warp: reference (2D image: grid_sample measured faster)" in lines
+    assert "stnreg.fast: warp: reference (STNREG_FAST=0)" in lines
 
 
 def test_deterministic_across_thread_counts():
@@ -109,11 +129,10 @@ def _coords(shape, out, g, dtype=torch.float32):
 @pytest.mark.parametrize("image_grad", [False, True])
 @pytest.mark.parametrize("keep_derivative", [True, False])
 def test_fast_sample_matches_grid_sample(monkeypatch, padding, channels, image_grad, keep_derivative):
-    import stnreg.fast as fast
-    from stnreg.fast import fast_sample
+    from stnreg.fast import fast_sample, field
 
     # Without the budget, multi-channel samples take the second gather pass in the backward.
-    monkeypatch.setattr(fast, "_KEEP_DERIVATIVE_MAX", 2**24 if keep_derivative else 0)
+    monkeypatch.setattr(field, "KEEP_DERIVATIVE_MAX", 2**24 if keep_derivative else 0)
     g = torch.Generator().manual_seed(3)
     image = torch.rand(2, channels, 10, 12, 14, generator=g).requires_grad_(image_grad)
     coords = _coords(image.shape, (9, 11, 13), g).requires_grad_()
@@ -159,7 +178,7 @@ def test_fast_sample_gradcheck_float64(padding):
     assert torch.autograd.gradcheck(lambda i, c: fast_sample(i, c, padding), (image, coords))
 
 
-def test_sample_uses_the_fast_path_for_3d_and_is_deterministic(monkeypatch):
+def test_sample_uses_the_fast_path_for_3d_and_is_deterministic(monkeypatch, ran):
     g = torch.Generator().manual_seed(5)
     image = torch.rand(1, 1, 16, 18, 20, generator=g)
     coords = _coords(image.shape, (16, 18, 20), g)
@@ -174,6 +193,7 @@ def test_sample_uses_the_fast_path_for_3d_and_is_deterministic(monkeypatch):
     finally:
         torch.set_num_threads(old)
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    assert ran("sample", "trilinear") == 2
     monkeypatch.setenv("STNREG_FAST", "0")
     torch.testing.assert_close(stnreg.sample(image, coords), results[0][0], atol=1e-5, rtol=1e-5)
 
@@ -259,7 +279,7 @@ def _warp_twice(monkeypatch, image, make, params, **kw):
 
     The on-the-fly B-spline kernel is forced for these small test volumes.
     """
-    monkeypatch.setattr(importlib.import_module("stnreg.warp"), "_BSPLINE_ON_THE_FLY_MIN", 0)
+    monkeypatch.setattr(dispatch, "BSPLINE_ON_THE_FLY_MIN", 0)
     results = []
     for fast in ("1", "0"):
         monkeypatch.setenv("STNREG_FAST", fast)
@@ -272,12 +292,7 @@ def _warp_twice(monkeypatch, image, make, params, **kw):
 
 @pytest.mark.parametrize("padding", ["zeros", "border"])
 @pytest.mark.parametrize("channels", [1, 2])
-def test_bspline_warp_on_the_fly_matches_the_reference(monkeypatch, padding, channels):
-    import stnreg.fast as fast
-
-    calls = []
-    original = fast._FusedBSpline.apply
-    monkeypatch.setattr(fast._FusedBSpline, "apply", lambda *a: calls.append(1) or original(*a))
+def test_bspline_warp_on_the_fly_matches_the_reference(monkeypatch, ran, padding, channels):
     g = torch.Generator().manual_seed(6)
     image = torch.rand(2, channels, 14, 16, 18, generator=g)
     spline = stnreg.BSpline((5, 6, 7))
@@ -285,7 +300,7 @@ def test_bspline_warp_on_the_fly_matches_the_reference(monkeypatch, padding, cha
     (fast_out, fast_grad), (ref_out, ref_grad) = _warp_twice(
         monkeypatch, image, spline.with_params, coef, out=(12, 15, 17), padding=padding
     )
-    assert len(calls) == 1
+    assert ran("warp", "bspline") == 1
     torch.testing.assert_close(fast_out, ref_out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fast_grad, ref_grad, atol=1e-4 * ref_grad.abs().max().item(), rtol=1e-5)
 
@@ -320,12 +335,7 @@ def _after_matrices_twice(monkeypatch, image, affine, inner, params, source, fix
     )
 
 
-def test_bspline_in_world_space_after_matrices_matches_the_reference(monkeypatch):
-    import stnreg.fast as fast
-
-    calls = []
-    original = fast._FusedBSpline.apply
-    monkeypatch.setattr(fast._FusedBSpline, "apply", lambda *a: calls.append(1) or original(*a))
+def test_bspline_in_world_space_after_matrices_matches_the_reference(monkeypatch, ran):
     g = torch.Generator().manual_seed(7)
     source, fixed = _oblique_source_and_fixed()
     image = torch.rand(1, 1, *source.shape, generator=g)
@@ -335,7 +345,7 @@ def test_bspline_in_world_space_after_matrices_matches_the_reference(monkeypatch
     (fast_out, fast_grad), (ref_out, ref_grad) = _after_matrices_twice(
         monkeypatch, image, affine, spline, coef, source, fixed
     )
-    assert len(calls) == 1
+    assert ran("warp", "bspline") == 1
     torch.testing.assert_close(fast_out, ref_out, atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(fast_grad, ref_grad, atol=1e-4 * ref_grad.abs().max().item(), rtol=1e-5)
     # A matrix that is itself being optimized, or an image that needs a gradient, takes the reference path.
@@ -343,16 +353,11 @@ def test_bspline_in_world_space_after_matrices_matches_the_reference(monkeypatch
     moving = affine.with_params(affine.params.clone().requires_grad_())
     stnreg.warp(image, moving.compose(spline.with_params(coef)), fixed, source)
     stnreg.warp(image.clone().requires_grad_(), spline.with_params(coef), fixed, source)
-    assert len(calls) == 1  # still only the comparison's fast call
+    assert ran("warp", "bspline") == 1  # still only the comparison's fast call
 
 
-def test_bspline_on_the_fly_is_deterministic_and_gradchecks(monkeypatch):
-    import stnreg.fast as fast
+def test_bspline_on_the_fly_is_deterministic_and_gradchecks(monkeypatch, ran):
     from stnreg.fast import fused_bspline_warp
-
-    calls = []
-    original = fast._FusedBSpline.apply
-    monkeypatch.setattr(fast._FusedBSpline, "apply", lambda *a: calls.append(1) or original(*a))
 
     g = torch.Generator().manual_seed(8)
     image = torch.rand(1, 1, 9, 10, 11, generator=g)
@@ -370,38 +375,27 @@ def test_bspline_on_the_fly_is_deterministic_and_gradchecks(monkeypatch):
     assert torch.equal(grads[0], grads[1])
     # Small volumes whose coefficients need a gradient go through the dense field (measured faster);
     # forward alone always runs on the fly.
-    assert not calls
+    assert ran("warp", "bspline") == 0
     stnreg.warp(image, spline.with_params(coef))
-    assert len(calls) == 1
-    monkeypatch.setattr(importlib.import_module("stnreg.warp"), "_BSPLINE_ON_THE_FLY_MIN", 0)
+    assert ran("warp", "bspline") == 1
+    monkeypatch.setattr(dispatch, "BSPLINE_ON_THE_FLY_MIN", 0)
     grads = []
     for threads in (1, 2):
         torch.set_num_threads(threads)
         p = coef.clone().requires_grad_()
         grads.append(torch.autograd.grad(stnreg.warp(image, spline.with_params(p)).square().sum(), p)[0])
     torch.set_num_threads(old)
-    assert len(calls) == 3 and torch.equal(grads[0], grads[1])
-    from stnreg.warp import _fused_bspline_args
-
+    assert ran("warp", "bspline") == 3 and torch.equal(grads[0], grads[1])
     img64 = image.double()
-    _, k, r, tables = _fused_bspline_args(img64, spline.with_params(coef), (6, 7, 8), None)
+    inner, pixel_map = dispatch.warp_chain(img64, spline.with_params(coef), None)
+    _, k, r, tables = inner.fast_warp_args((6, 7, 8), pixel_map)
     p64 = coef.double().requires_grad_()
     assert torch.autograd.gradcheck(lambda c: fused_bspline_warp(img64, c, k, r, tables, (6, 7, 8), "zeros"), (p64,))
 
 
-def _count_tps_calls(monkeypatch) -> list:
-    import stnreg.fast as fast
-
-    calls = []
-    original = fast._FusedTPS.apply
-    monkeypatch.setattr(fast._FusedTPS, "apply", lambda *a: calls.append(1) or original(*a))
-    return calls
-
-
 @pytest.mark.parametrize("padding", ["zeros", "border"])
 @pytest.mark.parametrize("channels", [1, 2])
-def test_tps_warp_on_the_fly_matches_the_reference(monkeypatch, padding, channels):
-    calls = _count_tps_calls(monkeypatch)
+def test_tps_warp_on_the_fly_matches_the_reference(monkeypatch, ran, padding, channels):
     g = torch.Generator().manual_seed(10)
     image = torch.rand(2, channels, 12, 14, 16, generator=g)
     cp = stnreg.uniform_control_points((3, 3, 3)) * 0.9
@@ -410,13 +404,12 @@ def test_tps_warp_on_the_fly_matches_the_reference(monkeypatch, padding, channel
     (fast_out, fast_grad), (ref_out, ref_grad) = _warp_twice(
         monkeypatch, image, spline.with_params, params, out=(10, 13, 15), padding=padding
     )
-    assert len(calls) == 1
+    assert ran("warp", "tps") == 1
     torch.testing.assert_close(fast_out, ref_out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fast_grad, ref_grad, atol=1e-4 * ref_grad.abs().max().item(), rtol=1e-4)
 
 
-def test_tps_in_world_space_after_matrices_matches_the_reference(monkeypatch):
-    calls = _count_tps_calls(monkeypatch)
+def test_tps_in_world_space_after_matrices_matches_the_reference(monkeypatch, ran):
     g = torch.Generator().manual_seed(11)
     source, fixed = _oblique_source_and_fixed()
     image = torch.rand(1, 1, *source.shape, generator=g)
@@ -427,7 +420,7 @@ def test_tps_in_world_space_after_matrices_matches_the_reference(monkeypatch):
     (fast_out, fast_grad), (ref_out, ref_grad) = _after_matrices_twice(
         monkeypatch, image, affine, spline, params, source, fixed
     )
-    assert len(calls) == 1
+    assert ran("warp", "tps") == 1
     torch.testing.assert_close(fast_out, ref_out, atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(fast_grad, ref_grad, atol=1e-4 * ref_grad.abs().max().item(), rtol=1e-4)
     # A matrix being optimized, an image that needs a gradient, or a 2D spline take the reference path.
@@ -436,14 +429,12 @@ def test_tps_in_world_space_after_matrices_matches_the_reference(monkeypatch):
     stnreg.warp(image.clone().requires_grad_(), spline.with_params(params), fixed, source)
     cp2 = stnreg.uniform_control_points((3, 3))
     stnreg.warp(torch.rand(1, 1, 8, 9), stnreg.ThinPlateSpline(cp2, params=cp2[None] * 0.9))
-    assert len(calls) == 1
+    assert ran("warp", "tps") == 1
 
 
-def test_tps_on_the_fly_is_deterministic_and_gradchecks(monkeypatch):
+def test_tps_on_the_fly_is_deterministic_and_gradchecks(ran):
     from stnreg.fast import fused_tps_warp
-    from stnreg.warp import _fused_tps_args
 
-    calls = _count_tps_calls(monkeypatch)
     g = torch.Generator().manual_seed(12)
     image = torch.rand(1, 1, 9, 10, 11, generator=g)
     cp = stnreg.uniform_control_points((2, 2, 3)) * 0.8
@@ -458,30 +449,20 @@ def test_tps_on_the_fly_is_deterministic_and_gradchecks(monkeypatch):
             grads.append(torch.autograd.grad(stnreg.warp(image, spline.with_params(p)).square().sum(), p)[0])
     finally:
         torch.set_num_threads(old)
-    assert len(calls) == 2 and torch.equal(grads[0], grads[1])
+    assert ran("warp", "tps") == 2 and torch.equal(grads[0], grads[1])
     img64 = image.double()
-    _, cps, p_map, m = _fused_tps_args(img64, spline.with_params(params), (6, 7, 8), None)
+    inner, pixel_map = dispatch.warp_chain(img64, spline.with_params(params), None)
+    _, cps, p_map, m = inner.fast_warp_args((6, 7, 8), pixel_map)
     coef = spline.with_params(params.double()).coefficients().detach().requires_grad_()
     assert torch.autograd.gradcheck(lambda c: fused_tps_warp(img64, c, cps, p_map, m, (6, 7, 8)), (coef,))
     with pytest.raises(ValueError, match="coefficients"):
         fused_tps_warp(img64, coef[:, :-1], cps, p_map, m, (6, 7, 8))
 
 
-def _count_field_calls(monkeypatch) -> list:
-    # The image warps by a field that warp() sends to the kernels, not the field's own samples
-    # (scaling and squaring a velocity field reads it in place too).
-    module = importlib.import_module("stnreg.warp")
-    calls = []
-    original = module.fused_field_warp
-    monkeypatch.setattr(module, "fused_field_warp", lambda *a: calls.append(1) or original(*a))
-    return calls
-
-
 @pytest.mark.parametrize("padding", ["zeros", "border"])
 @pytest.mark.parametrize("channels", [1, 2])
 @pytest.mark.parametrize("out", [(10, 12, 14), (7, 9, 11)])
-def test_displacement_warp_reads_the_field_in_place_and_matches_the_reference(monkeypatch, padding, channels, out):
-    calls = _count_field_calls(monkeypatch)
+def test_displacement_warp_reads_the_field_in_place_and_matches_the_reference(monkeypatch, ran, padding, channels, out):
     g = torch.Generator().manual_seed(11)
     image = torch.rand(2, channels, 9, 11, 13, generator=g)
     field = 0.15 * torch.randn(2, 3, 10, 12, 14, generator=g)
@@ -490,17 +471,12 @@ def test_displacement_warp_reads_the_field_in_place_and_matches_the_reference(mo
     (fast_out, fast_grad), (ref_out, ref_grad) = _warp_twice(
         monkeypatch, image, family.with_params, field, out=out, padding=padding
     )
-    assert calls == [1]
+    assert ran("warp", "field") == 1
     torch.testing.assert_close(fast_out, ref_out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fast_grad, ref_grad, atol=1e-5 * ref_grad.abs().max().item(), rtol=1e-5)
 
 
-def test_field_compositions_read_the_fields_in_place_and_match_the_reference(monkeypatch):
-    import stnreg.fast as fast
-
-    calls = []
-    original = fast._FieldSample.apply
-    monkeypatch.setattr(fast._FieldSample, "apply", lambda *a: calls.append(1) or original(*a))
+def test_field_compositions_read_the_fields_in_place_and_match_the_reference(monkeypatch, ran):
     g = torch.Generator().manual_seed(13)
     # Float64: float32 rounding of the two paths' positions moves a few across a cell boundary
     # (a kink of trilinear interpolation), where the gradients differ by design.
@@ -520,7 +496,7 @@ def test_field_compositions_read_the_fields_in_place_and_match_the_reference(mon
         grads = torch.autograd.grad((exp * go).sum() + (composed * go).sum(), (pa, pb))
         results.append((exp.detach(), composed.detach(), *grads))
     # Seven squarings and one composition on the kernels, then the same on grid_sample.
-    assert len(calls) == 8
+    assert ran("displaced", "field") == 8 and ran("displaced", "reference") == 8
     for fast_value, ref_value in zip(*results, strict=True):
         torch.testing.assert_close(fast_value, ref_value, atol=1e-10, rtol=1e-9)
 
@@ -541,8 +517,7 @@ def test_field_warp_backward_twice_gives_the_same_gradient_bit_for_bit(channels)
     assert second.abs().sum() > 0
 
 
-def test_velocity_field_after_matrices_in_world_space_matches_the_reference(monkeypatch):
-    calls = _count_field_calls(monkeypatch)
+def test_velocity_field_after_matrices_in_world_space_matches_the_reference(monkeypatch, ran):
     g = torch.Generator().manual_seed(12)
     source, fixed = _oblique_source_and_fixed()
     image = torch.rand(1, 1, *source.shape, generator=g)
@@ -552,21 +527,19 @@ def test_velocity_field_after_matrices_in_world_space_matches_the_reference(monk
     (fast_out, fast_grad), (ref_out, ref_grad) = _after_matrices_twice(
         monkeypatch, image, affine, svf, velocity, source, fixed
     )
-    assert calls == [1]
+    assert ran("warp", "field") == 1
     torch.testing.assert_close(fast_out, ref_out, atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(fast_grad, ref_grad, atol=1e-5 * ref_grad.abs().max().item(), rtol=1e-5)
     # A matrix being optimized with the field takes the reference path (its gradient needs the grid).
     monkeypatch.setenv("STNREG_FAST", "1")
     moving = affine.with_params(affine.params.clone().requires_grad_())
     stnreg.warp(image, moving.compose(svf.with_params(velocity)), fixed, source)
-    assert calls == [1]
+    assert ran("warp", "field") == 1
 
 
-def test_displacement_warp_image_gradient_broadcast_determinism_and_gradcheck(monkeypatch):
+def test_displacement_warp_image_gradient_broadcast_determinism_and_gradcheck(monkeypatch, ran):
     from stnreg.fast import fused_field_warp
-    from stnreg.warp import _fused_field_args
 
-    calls = _count_field_calls(monkeypatch)
     g = torch.Generator().manual_seed(13)
     image = torch.rand(3, 1, 8, 9, 10, generator=g)
     family = stnreg.Displacement((8, 9, 10))
@@ -583,12 +556,13 @@ def test_displacement_warp_image_gradient_broadcast_determinism_and_gradcheck(mo
             results.append((out.detach(), *torch.autograd.grad(out, (x, u), go)))
     finally:
         torch.set_num_threads(old)
-    assert calls == [1, 1]
+    assert ran("warp", "field") == 2
     assert all(torch.equal(a, b) for a, b in zip(results[0], results[1], strict=True))  # 1 and 2 threads: same bits
     for a, b in zip(results[0], results[2], strict=True):
         torch.testing.assert_close(a, b, atol=1e-5 * b.abs().max().item(), rtol=1e-5)
     img64 = image[:1].double()
-    _, k, r = _fused_field_args(img64, family, (8, 9, 10), None)
+    inner, pixel_map = dispatch.warp_chain(img64, family, None)
+    _, k, r = inner.fast_warp_args((8, 9, 10), pixel_map)
     u64 = field.double().requires_grad_()
     x64 = img64.clone().requires_grad_()
     assert torch.autograd.gradcheck(lambda x, u: fused_field_warp(x, u, k, r, "zeros"), (x64, u64))
@@ -605,19 +579,34 @@ def test_kernel_caches_older_than_a_kernel_source_are_dropped():
     import os
     from pathlib import Path
 
-    import stnreg.fast as fast
+    from stnreg.fast import loader
 
-    cache = Path(fast.__file__).resolve().parent / "__pycache__"
+    here = Path(loader.__file__).resolve().parent
+    cache = here / "__pycache__"
     cache.mkdir(exist_ok=True)
     stale, fresh = cache / "stnreg_test_stale.nbi", cache / "stnreg_test_fresh.nbc"
-    newest = max(f.stat().st_mtime for f in Path(fast.__file__).resolve().parent.glob("*.py"))
+    newest = max(f.stat().st_mtime for pattern in loader.KERNEL_SOURCES for f in here.glob(pattern))
     try:
         for f, t in ((stale, newest - 60), (fresh, newest + 60)):
             f.write_bytes(b"")
             os.utime(f, (t, t))
-        fast._drop_stale_kernel_caches()
+        loader.drop_stale_kernel_caches()
         assert not stale.exists()
         assert fresh.exists()
     finally:
         stale.unlink(missing_ok=True)
         fresh.unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize("padding", ["zeros", "border"])
+@pytest.mark.parametrize("spatial", [(9, 10), (6, 7, 8)])
+def test_label_sampling_votes_on_the_kernel_with_the_reference_values(monkeypatch, ran, padding, spatial):
+    g = torch.Generator().manual_seed(15)
+    labels = torch.randint(0, 5, (2, 1, *spatial), generator=g, dtype=torch.int32)
+    coords = stnreg.lattice(spatial).unsqueeze(0) * 1.1 + 0.2 * torch.rand(1, *spatial, len(spatial), generator=g)
+    fast = stnreg.sample(labels, coords, "label", padding)
+    assert ran("label", "label") == 1
+    monkeypatch.setenv("STNREG_FAST", "0")
+    ref = stnreg.sample(labels, coords, "label", padding)
+    assert ran("label", "reference") == 1
+    assert fast.dtype == ref.dtype and torch.equal(fast, ref)

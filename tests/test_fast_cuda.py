@@ -3,7 +3,7 @@
 Triton reads ``TRITON_INTERPRET`` once, when it is first imported (lightning and monai import it
 early), so on a machine without a GPU :func:`test_kernels_in_the_triton_interpreter` runs this file
 again in a child process with ``TRITON_INTERPRET=1``. There the kernels execute with NumPy and
-``stnreg.fast._use_triton`` is patched so that CPU tensors take the CUDA route through the public
+``stnreg.fast.loader.use_triton`` is patched so that CPU tensors take the CUDA route through the public
 functions.
 """
 
@@ -40,9 +40,9 @@ def test_kernels_in_the_triton_interpreter():
 def kernels(monkeypatch):
     if not (INTERPRETED or DEVICE == "cuda"):
         pytest.skip("run by test_kernels_in_the_triton_interpreter")
-    module = fast._triton()
+    module = fast.loader.triton()
     assert module is not None, "triton did not import"
-    monkeypatch.setattr(fast, "_use_triton", lambda image: image.device.type == DEVICE)
+    monkeypatch.setattr(fast.loader, "use_triton", lambda image: image.device.type == DEVICE)
     return module
 
 

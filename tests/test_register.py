@@ -213,7 +213,9 @@ def test_saved_transforms_reproduce_with_ants(tmp_path):
     )
     theirs = warped.numpy().transpose(2, 1, 0)  # ANTs arrays are x, y, z
     rng = float(moving.data.max() - moving.data.min())
-    assert np.abs(theirs - r.warped.data[0].numpy()).mean() < 0.01 * rng
+    # The same linear interpolation at the same points: 7e-9 of the range measured; the chain applied
+    # in the reverse order is off by 1.5e-3, the affine alone by 4e-3.
+    assert np.abs(theirs - r.warped.data[0].numpy()).mean() < 1e-4 * rng
 
 
 @pytest.mark.parametrize("shape", [(7, 9), (5, 6, 8)])
@@ -264,22 +266,19 @@ def test_tol_stops_an_adam_level_once_its_best_loss_stalls():
 
 
 def test_bspline_stage_runs_on_the_fly_with_the_same_result(monkeypatch):
-    import importlib
+    from stnreg.fast import dispatch
 
-    import stnreg.fast as fast
-
-    calls = []
-    original = fast._FusedBSpline.apply
-    monkeypatch.setattr(fast._FusedBSpline, "apply", lambda *a: calls.append(1) or original(*a))
     moving, fixed, _ = _pair_3d((20, 22, 24))
     stages = [Stage("affine", shrink=(1,), iterations=(30,), lr=0.01), Stage("bspline", shrink=(1,), iterations=(15,))]
-    dense = register(moving, fixed, transform=stages, loss="ncc", progress=False, device="cpu", tol=0)
+    with dispatch.record() as events:
+        dense = register(moving, fixed, transform=stages, loss="ncc", progress=False, device="cpu", tol=0)
     # These small lattices take the dense field while optimizing; only the final resampling (no
     # gradient: on the fly is faster at any size) goes through the kernel.
-    assert len(calls) == 1
-    monkeypatch.setattr(importlib.import_module("stnreg.warp"), "_BSPLINE_ON_THE_FLY_MIN", 0)
-    fly = register(moving, fixed, transform=stages, loss="ncc", progress=False, device="cpu", tol=0)
-    assert len(calls) >= 16  # every B-spline iteration and the final resampling
+    assert events.count(("warp", "bspline", "")) == 1
+    monkeypatch.setattr(dispatch, "BSPLINE_ON_THE_FLY_MIN", 0)
+    with dispatch.record() as events:
+        fly = register(moving, fixed, transform=stages, loss="ncc", progress=False, device="cpu", tol=0)
+    assert events.count(("warp", "bspline", "")) >= 16  # every B-spline iteration and the final resampling
     assert fly.metrics["ncc_after"] == pytest.approx(dense.metrics["ncc_after"], abs=1e-5)
     assert fly.metrics["ncc_after"] > dense.metrics["ncc_before"]
 

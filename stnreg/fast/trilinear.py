@@ -21,7 +21,7 @@ stay in registers; in phases they ran 5-20% slower (measured), since the reducti
 vectorize and the row buffers add a pass.
 
 numba's disk cache keys each kernel on its own module's file, not on the helpers it inlines from
-here: :func:`stnreg.fast._drop_stale_kernel_caches` deletes cache files older than any kernel
+here: :func:`stnreg.fast.loader.drop_stale_kernel_caches` deletes cache files older than any kernel
 source before the kernels load.
 """
 

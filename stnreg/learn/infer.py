@@ -90,14 +90,13 @@ def register_with_model(
         ``timings`` with ``inference_s`` and ``refine_s``.
     """
     from ..register import RegistrationResult
-    from ..register.problem import load_image as _load
-    from ..register.problem import load_labels as _load_labels
+    from ..register.problem import load_image, load_labels
 
     t0 = time.perf_counter()
     task = model if isinstance(model, RegistrationTask) else load_task(model)
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     task = task.to(dev).eval()
-    mov, fix = _load(moving, "moving"), _load(fixed, "fixed")
+    mov, fix = load_image(moving, "moving"), load_image(fixed, "fixed")
     h = task.hparams
     if mov.ndim != h.ndim or fix.ndim != h.ndim:
         raise ValueError(f"the model registers {h.ndim}D images; got moving {mov.ndim}D and fixed {fix.ndim}D")
@@ -176,7 +175,7 @@ def register_with_model(
             "total_s": time.perf_counter() - t0,
         },
     )
-    maps, ids = _load_labels(None if labels is None else [labels], [mov], [fix])
+    maps, ids = load_labels(None if labels is None else [labels], [mov], [fix])
     lm, lf = maps[0] if maps[0] else (None, None)
     result.label_maps = (lm, lf, ids[0])
     return result

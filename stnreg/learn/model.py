@@ -145,8 +145,7 @@ class RegistrationNet(nn.Module):
         # Voxels of the input to normalized units: 2 / size along each (x, y, z) axis.
         per_voxel = torch.tensor([2.0 / s for s in reversed(input_shape)], dtype=raw.dtype, device=raw.device)
         field = raw * per_voxel.reshape(1, -1, *([1] * self.ndim))
-        cls = StationaryVelocity if self.stages[k] == "svf" else Displacement
-        if cls is StationaryVelocity:
+        if self.stages[k] == "svf":
             return StationaryVelocity(field.shape[2:], params=field, steps=self.int_steps)
         return Displacement(field.shape[2:], params=field)
 

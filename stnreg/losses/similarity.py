@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..fast import fast_available, fast_lncc
+from ..fast.dispatch import try_fast_lncc
 from .parzen import parzen_mutual_information
 
 __all__ = ["dice_loss", "lncc_loss", "mi_loss", "mse_loss", "ncc_loss"]
@@ -94,18 +94,11 @@ def lncc_loss(
     d = a.dim() - 2
     win = [int(window)] * d if isinstance(window, int) else [int(w) for w in window]
     win = [w if w % 2 else w + 1 for w in win]
-    if (
-        (reduce or a.shape[0] == 1)
-        and d == 3
-        and a.device.type == "cpu"
-        and not b.requires_grad
-        and (mask is None or not mask.requires_grad)
-        and fast_available(a, "zeros")
-    ):
-        # Numba box filters and the loss's gradient in closed form (stnreg.fast): the same value,
-        # a fraction of autograd's time and memory on 3D volumes.
-        value = fast_lncc(a, b, tuple(win), mask, eps)
-        return value if reduce else value.reshape(1)
+    # Numba box filters and the loss's gradient in closed form where they apply (stnreg.fast): the
+    # same value, a fraction of autograd's time and memory on 3D volumes.
+    value = try_fast_lncc(a, b, win, mask, eps, reduce)
+    if value is not None:
+        return value
     stats = _box_filter(torch.cat([a, b, a * a, b * b, a * b], 1), win)
     c = a.shape[1]
     ma, mb, aa, bb, ab = stats.split(c, 1)

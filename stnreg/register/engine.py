@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from ..coords import Grid
 from ..cubic import bspline_prefilter, cubic_sample
-from ..fast import fused_affine_loss, fused_available
+from ..fast.dispatch import try_fused_loss
 from ..image import Image
 from ..losses import REGULARIZERS, RegistrationLoss, dice_loss
 from ..sampler import sample
@@ -297,8 +297,6 @@ class _Run:
         x = torch.zeros_like(init_params)
         sim = self.loss.similarity
         has_labels = "moving_labels" in p.pyramids
-        fused = sim in ("mse", "ncc") and d == 3 and "mask" not in p.pyramids and not has_labels
-        fused = fused and fused_available(p.moving_int, "border") and dev.type == "cpu"
         cubic = (stage.interpolation or ("cubic" if d == 2 else "linear")) == "cubic"
 
         def transform_of(xv: Tensor) -> MatrixTransform:
@@ -324,11 +322,11 @@ class _Run:
                 mapping = mapping if fixed_part is None else mapping.compose(fixed_part)
                 # Only fixed voxels mapped inside the moving image count (ITK's rule): a moved-in
                 # border, read as replicated edge values, would otherwise pull the optimum (0.39 mm
-                # off an exact 3D shift of a prostate MR whose tissue reaches the image edges).
-                if fused and not cubic_l and isinstance(mapping, MatrixTransform) and not mapping.projective:
-                    theta = mapping.affine_theta(fgrid_l, mgrid_l)
-                    value = fused_affine_loss(m_l, f_l, theta, sim, "border", reduce=False, overlap=True)
-                else:
+                # off an exact 3D shift of a prostate MR whose tissue reaches the image edges). The
+                # fused kernel applies that rule in its one pass where it runs (stnreg.fast.dispatch).
+                mode = "cubic" if cubic_l else "linear"
+                value = try_fused_loss(m_l, f_l, mapping, fgrid_l, mgrid_l, sim, mask_l, mode, has_labels)
+                if value is None:
                     # One sample of MI's voxels per level: a line search compares values of one function.
                     gen = torch.Generator(device=dev).manual_seed(self.seed)
                     coords = mapping.sampling_grid(fgrid_l, mgrid_l)

@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..coords import Grid, apply_affine, index_to_normalized_matrix
-from ..fields import world_to_voxel_displacement
+from ..coords import Grid, apply_affine
 from ..pyramid import level_shape
 from ..sampler import gaussian_blur
 from ..transforms import FAMILIES
@@ -29,23 +28,9 @@ __all__ = ["field_for_regularizer", "item", "make_stage_transform", "params_from
 
 def scale_for(t: ParametricTransform, extent: float, voxel: float) -> Tensor:
     """Per-parameter units (``t.param_shape``): matrix families in voxels of displacement at the
-    half-``extent`` (mm), field and point parameters in voxels (``voxel`` mm)."""
-    scale = torch.ones(t.param_shape, dtype=torch.float64)
-    d = t.ndim
-    name = type(t).__name__
-    if name in ("Translation", "Rigid", "Similarity", "Attention"):
-        scale[-d:] = extent
-    elif name == "Affine":
-        scale[:, d] = extent
-    elif name == "Projective":
-        for i in range(d):
-            scale[i * (d + 1) + d] = extent
-        scale[d * (d + 1) :] = 1.0 / extent
-    else:
-        return scale * voxel
-    # Translations of one voxel; a rotation or linear entry of voxel / extent moves a point at the
-    # half-extent by one voxel; a projective entry of voxel / extent² likewise.
-    return scale * (voxel / extent)
+    half-``extent`` (mm), field and point parameters in voxels (``voxel`` mm); each family's
+    :meth:`~stnreg.transforms.ParametricTransform.param_scale`."""
+    return t.param_scale(extent, voxel)
 
 
 def make_stage_transform(stage: Stage, grid: Grid, center: Tensor, voxel: float, level: int = 1) -> ParametricTransform:
@@ -85,22 +70,9 @@ def refine_field(
 
 def field_for_regularizer(t: ParametricTransform, params: Tensor) -> Tensor | None:
     """What the regularizers see, ``(N, d, *shape)``: a velocity/displacement in voxels of its grid, or
-    B-spline coefficients in control spacings; ``None`` for TPS, smooth by construction."""
-    if isinstance(t, Displacement):
-        inv = torch.linalg.inv(t.domain.to(params.device))
-        # The field's own index->world map: normalized->world composed with index->normalized.
-        idx_to_world = inv @ index_to_normalized_matrix(t.shape, device=params.device)
-        return world_to_voxel_displacement(params, idx_to_world)
-    if isinstance(t, BSpline):
-        # Coefficients (mm) over the control spacing (mm): the bending energy becomes unitless, so
-        # one weight suits a 1 mm brain with 8 mm spacing and a 0.4 mm prostate with 3.2 mm. In mm,
-        # the default weight 1.0 held the brain at Dice 0.923 (0.968 at 0.01) and the prostate
-        # pairs at 0.782 (0.843 at 0.1); scaled, weight 1.0 gives both their better value.
-        lin = t.domain[: t.ndim, : t.ndim].to(params.device)
-        steps = [2.0 / (n - 3) for n in reversed(t.control_shape)]  # x, y, z, in normalized units
-        spacing_mm = torch.tensor(steps, dtype=lin.dtype, device=params.device) / lin.norm(dim=1)
-        return params / spacing_mm.prod() ** (1.0 / t.ndim)
-    return None
+    B-spline coefficients in control spacings; ``None`` for TPS, smooth by construction (each
+    family's :meth:`~stnreg.transforms.ParametricTransform.regularizer_field`)."""
+    return t.regularizer_field(params)
 
 
 def item(t: Transform, i: int) -> Transform:

@@ -35,6 +35,14 @@ def index_to_domain(out: Sequence[int] | Grid, device: torch.device | str | None
     return index_to_normalized_matrix(tuple(int(s) for s in out), device=device)
 
 
+def lattice_pixel_map(out: Sequence[int] | Grid, pixel_map: Tensor) -> tuple[Tensor, Tensor]:
+    """``(K, R)`` of the fused field and B-spline kernels: ``K`` ``(N, d, d+1)`` maps an output index
+    to the input pixel position of its lattice point, ``R`` ``(N, d, d)`` a displacement (domain
+    units) to pixels; ``pixel_map`` ``(N, d+1, d+1)`` maps domain points to input pixels."""
+    d = pixel_map.shape[-1] - 1
+    return (pixel_map @ index_to_domain(out))[:, :d, :], pixel_map[:, :d, :d]
+
+
 @functools.lru_cache(maxsize=8)
 def _cached_lattice(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
     return lattice(shape, "normalized", dtype, device).unsqueeze(0)
@@ -124,6 +132,39 @@ class Transform(nn.Module):
         """``self ∘ other``: the map ``x -> self(other(x))`` (warping by ``self`` first, then ``other``)."""
         return Composite([self, other])
 
+    # Hooks the fast paths ask (stnreg.fast.dispatch): a family answers for itself, so that adding
+    # one touches its own file only.
+
+    #: The fused warp kernel that evaluates this family on the fly (``"field"``, ``"bspline"``,
+    #: ``"tps"``), or ``None``.
+    fast_warp_kind: str | None = None
+
+    def fast_warp_args(self, out: Sequence[int] | Grid, pixel_map: Tensor) -> tuple[Tensor, ...] | None:
+        """The arguments of the :attr:`fast_warp_kind` kernel after the image and before the output
+        shape, or ``None`` when this output lattice does not fit it.
+
+        Args:
+            out: output shape (normalized domain) or :class:`Grid` (world domain).
+            pixel_map: ``(N or 1, d+1, d+1)`` float64 from this transform's output points (domain
+                space) to the input image's pixel positions.
+        """
+        return None
+
+    def affine_matrix(self) -> Tensor | None:
+        """``(N, d+1, d+1)`` homogeneous matrix when this transform is one affine map, else ``None``."""
+        return None
+
+    def affine_theta(self, out: Sequence[int] | Grid, source: Grid | None = None) -> Tensor | None:
+        """``(N, d, d+1)`` map from output normalized to source normalized coordinates (``affine_grid``'s
+        θ) when this transform is one affine map, else ``None``."""
+        return None
+
+    def affine_head(self) -> tuple[Tensor | None, Transform] | None:
+        """``(head, inner)`` with ``self = head ∘ inner``: ``head`` the ``(N, d+1, d+1)`` matrix of the
+        affine maps applied after the innermost transform (``None``: there are none), ``None`` when
+        some of them are no affine map."""
+        return None, self
+
     def inverse(self) -> Transform:
         """The inverse map; numerical (fixed-point iteration) unless a family knows better."""
         return NumericalInverse(self)
@@ -202,6 +243,17 @@ class ParametricTransform(Transform):
         """A transform of the same family and configuration bound to ``params`` (kept in the graph)."""
         raise NotImplementedError
 
+    def param_scale(self, extent: float, voxel: float) -> Tensor:
+        """Per-parameter units ``param_shape`` (float64) that make a unit step move points by about one
+        voxel (``voxel`` mm): field and point parameters are in voxels; matrix families override it,
+        scaled at the image's half-``extent`` (mm)."""
+        return torch.ones(self.param_shape, dtype=torch.float64) * voxel
+
+    def regularizer_field(self, params: Tensor) -> Tensor | None:
+        """What regularizers see of ``params``, ``(N, d, *shape)`` in the family's own units, or ``None``
+        for a family that is smooth by construction (the default)."""
+        return None
+
     def _dtype(self) -> torch.dtype:
         return self.params.dtype
 
@@ -239,16 +291,18 @@ class Composite(Transform):
 
     def _head_matrix(self) -> Tensor | None:
         """The transforms before the innermost folded into one homogeneous matrix, when all of them
-        are affine matrices (else ``None``)."""
-        from .matrix import MatrixTransform
-
-        head = list(self.transforms[:-1])
-        if not head or not all(isinstance(t, MatrixTransform) and not t.projective for t in head):
+        are affine maps (else ``None``)."""
+        head = [t.affine_matrix() for t in self.transforms[:-1]]
+        if not head or any(h is None for h in head):
             return None
-        m = head[0].matrix()
-        for t in head[1:]:
-            m = m @ t.matrix().to(m.dtype)
+        m = head[0]
+        for h in head[1:]:
+            m = m @ h.to(m.dtype)
         return m
+
+    def affine_head(self) -> tuple[Tensor | None, Transform] | None:
+        m = self._head_matrix()
+        return None if m is None else (m, self.transforms[-1])
 
     def mapped_lattice(self, out: Sequence[int] | Grid) -> Tensor:
         """Matrices after the innermost transform fold into one matrix applied to its fast lattice path."""

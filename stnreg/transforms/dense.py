@@ -16,10 +16,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..coords import Grid, apply_affine, index_to_normalized_matrix, normalized_to_index_matrix
-from ..fast import fast_available, fused_field_warp
+from ..coords import Grid, apply_affine, index_to_normalized_matrix
+from ..fast.dispatch import try_fused_displaced
+from ..fields import world_to_voxel_displacement
 from ..sampler import sample
-from .base import ParametricTransform, Transform, _cached_lattice_channels_first, index_to_domain, output_lattice
+from .base import (
+    ParametricTransform,
+    Transform,
+    _cached_lattice_channels_first,
+    index_to_domain,
+    lattice_pixel_map,
+    output_lattice,
+)
 
 __all__ = ["Displacement", "StationaryVelocity", "compose_fields", "scaling_and_squaring"]
 
@@ -42,13 +50,10 @@ def _lattice_plus(vec: Tensor) -> Tensor:
 def _sample_displaced(field: Tensor, vec: Tensor) -> Tensor:
     """``field`` ``(N, C, *shape)`` read (linear, border) at its own lattice points moved by ``vec``
     ``(N, d, *shape)`` in its normalized units; ``(N, C, *shape)``, differentiable in both."""
-    shape = tuple(vec.shape[2:])
-    if len(shape) == 3 and tuple(field.shape[2:]) == shape and fast_available(field, "border"):
-        # In 3D on the CPU the kernels read ``vec`` in place: lattice point i is input pixel i,
-        # and a normalized unit is n / 2 pixels along an axis of n voxels.
-        k = torch.eye(3, 4, dtype=torch.float64)[None]
-        return fused_field_warp(field, vec, k, normalized_to_index_matrix(shape)[None, :3, :3], "border")
-    return sample(field, _lattice_plus(vec).to(field.dtype), "linear", "border")
+    out = try_fused_displaced(field, vec)  # in 3D on the CPU the kernels read ``vec`` in place
+    if out is None:
+        out = sample(field, _lattice_plus(vec).to(field.dtype), "linear", "border")
+    return out
 
 
 def _interpolate(field: Tensor, u: Tensor) -> Tensor:
@@ -184,6 +189,27 @@ class Displacement(ParametricTransform):
         self._check_points(points)
         u = apply_affine(self.domain.to(points.device), points)
         return points + _interpolate(self.field(), u).to(points.dtype)
+
+    fast_warp_kind = "field"
+
+    def fast_warp_args(self, out: Sequence[int] | Grid, pixel_map: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+        """``(field, K, R)`` of :func:`~stnreg.fast.fused_field_warp` when the output lattice covers the
+        field's extent (a resampled copy of its grid), else ``None``.
+
+        Input pixel position of output index ``i`` = ``pixel_map`` applied to ``p + u(p)`` with ``p``
+        its lattice point: ``K`` maps ``i`` to the pixel position of ``p``, ``R`` ``u`` to pixels.
+        """
+        shape = tuple(out.shape if isinstance(out, Grid) else out)
+        if not self._shares_frame(index_to_domain(out), shape):
+            return None
+        return self.field_on(shape), *lattice_pixel_map(out, pixel_map)
+
+    def regularizer_field(self, params: Tensor) -> Tensor:
+        """The field in voxels of its own grid, ``(N, d, *shape)`` (a velocity's for ``StationaryVelocity``)."""
+        inv = torch.linalg.inv(self.domain.to(params.device))
+        # The field's own index->world map: normalized->world composed with index->normalized.
+        idx_to_world = inv @ index_to_normalized_matrix(self.shape, device=params.device)
+        return world_to_voxel_displacement(params, idx_to_world)
 
     def mapped_lattice(self, out: Sequence[int] | Grid) -> Tensor:
         pts, _ = output_lattice(out, self._dtype(), self._device())

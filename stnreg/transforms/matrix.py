@@ -146,6 +146,18 @@ class MatrixTransform(ParametricTransform):
     def with_params(self, params: Tensor) -> MatrixTransform:
         return type(self)(self.ndim, params=params, center=self._center_host)
 
+    def param_scale(self, extent: float, voxel: float) -> Tensor:
+        """Translations of one voxel; a rotation or linear entry of ``voxel / extent`` moves a point at
+        the half-``extent`` by one voxel (a projective entry of ``voxel / extent²`` likewise)."""
+        scale = torch.ones(self.param_shape, dtype=torch.float64)
+        self._mark_translations(scale, extent)
+        return scale * (voxel / extent)
+
+    def _mark_translations(self, scale: Tensor, extent: float) -> None:
+        """Set the translation entries of ``scale`` (``param_shape``) to ``extent``: the last ``d``
+        parameters here; families with another layout override this."""
+        scale[-self.ndim :] = extent
+
     def forward(self, points: Tensor) -> Tensor:
         self._check_points(points)
         m = self.matrix().to(points.dtype)
@@ -157,12 +169,16 @@ class MatrixTransform(ParametricTransform):
         out = homog[..., :d] / homog[..., d:]
         return out.reshape((out.shape[0], *points.shape[1:]))
 
-    def affine_theta(self, out: Sequence[int] | Grid, source: Grid | None = None) -> Tensor:
-        """``(N, d, d+1)`` map from output normalized to source normalized coordinates (``affine_grid``'s θ)."""
+    def affine_matrix(self) -> Tensor | None:
+        return None if self.projective else self.matrix()
+
+    def affine_theta(self, out: Sequence[int] | Grid, source: Grid | None = None) -> Tensor | None:
+        """``(N, d, d+1)`` map from output normalized to source normalized coordinates (``affine_grid``'s
+        θ); ``None`` for a projective map."""
         if isinstance(out, Grid) and source is None:
             raise ValueError("a world-space output Grid needs the source Grid too")
         if self.projective:
-            raise ValueError("a projective map has no affine θ")
+            return None
         m = self.matrix()
         if isinstance(out, Grid):
             # Output normalized -> world -> T -> source normalized, composed in float64 so that world
@@ -274,6 +290,9 @@ class Affine(MatrixTransform):
     def _core_matrix(self) -> Tensor:
         return _with_bottom_row(self.params)
 
+    def _mark_translations(self, scale: Tensor, extent: float) -> None:
+        scale[:, self.ndim] = extent
+
     @classmethod
     def from_matrix(cls, matrix: Tensor) -> Affine:
         """Wrap a homogeneous ``(N, d+1, d+1)`` matrix (its last row must be ``[0, ..., 0, 1]``)."""
@@ -292,6 +311,13 @@ class Projective(MatrixTransform):
 
     def identity_params(self, batch: int = 1) -> Tensor:
         return torch.eye(self.ndim + 1).reshape(-1)[:-1].expand(batch, -1).clone()
+
+    def _mark_translations(self, scale: Tensor, extent: float) -> None:
+        # The perspective row too: 1 / extent, so that its entries come out in voxel / extent².
+        d = self.ndim
+        for i in range(d):
+            scale[i * (d + 1) + d] = extent
+        scale[d * (d + 1) :] = 1.0 / extent
 
     def _core_matrix(self) -> Tensor:
         p = self.params

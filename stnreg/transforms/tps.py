@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 
 from .._checks import check_finite
-from .base import ParametricTransform
+from ..coords import Grid
+from .base import ParametricTransform, index_to_domain
 
 __all__ = ["ThinPlateSpline", "tps_kernel", "uniform_control_points"]
 
@@ -112,6 +113,14 @@ class ThinPlateSpline(ParametricTransform):
         """``(N, K + d + 1, d)``: kernel weights ``w`` then the affine part ``[a_0; A^T]`` of the displacement."""
         disp = self.params - self.control_points.to(self.params.dtype)
         return self.solve.to(disp.dtype) @ disp
+
+    fast_warp_kind = "tps"
+
+    def fast_warp_args(self, out: Sequence[int] | Grid, pixel_map: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(coef, control_points, P, M)`` of :func:`~stnreg.fast.fused_tps_warp`: ``P`` ``(d, d+1)``
+        maps an output index to its domain point, ``M`` ``(N, d, d+1)`` a mapped point to the input pixel."""
+        d = self.ndim
+        return self.coefficients(), self.control_points, index_to_domain(out)[:d], pixel_map[:, :d, :]
 
     def forward(self, points: Tensor) -> Tensor:
         self._check_points(points)
