@@ -15,13 +15,20 @@ from stnreg.metrics import centroid_distance, dice, hd95, jacobian_stats, landma
 def test_similarities_are_zero_or_minimal_for_identical_images():
     a = smooth_image((20, 22), seed=1)
     assert mse_loss(a, a) == 0
-    assert ncc_loss(a, a) < 1e-6
-    assert lncc_loss(a, a, window=5) < 0.01  # eps keeps flat windows out of it
+    assert abs(float(mse_loss(a, a + 0.1)) - 0.01) < 1e-12
+    # NCC: invariant to a positive linear intensity change, 2 for the negative image.
+    assert ncc_loss(a, a) < 1e-6 and ncc_loss(a, 3 * a + 2) < 1e-6
+    assert abs(float(ncc_loss(a, 1 - a)) - 2) < 1e-6
+    # LNCC (squared local correlation): the same for any linear change; eps keeps flat windows out of it.
+    assert lncc_loss(a, a, window=5) < 0.01 and lncc_loss(a, 3 * a + 2, window=5) < 0.01
+    assert lncc_loss(a, 1 - a, window=5) < 0.15
+    # A shift of 3 voxels (the images vary on a 2.5 voxel scale) costs them most of their similarity (0.58, 0.47).
     shifted = torch.roll(a, 3, dims=-1)
-    assert ncc_loss(a, shifted) > ncc_loss(a, a)
-    assert lncc_loss(a, shifted, 5) > lncc_loss(a, a, 5)
-    # MI is invariant to a monotone intensity change and prefers aligned images.
-    assert mi_loss(a, 1 - a) < mi_loss(a, shifted)
+    assert ncc_loss(a, shifted) > 0.3
+    assert lncc_loss(a, shifted, 5) > 0.3
+    # MI is invariant to a monotone intensity change and prefers aligned images (-1.38 vs -0.27).
+    torch.testing.assert_close(mi_loss(a, 1 - a), mi_loss(a, a))
+    assert mi_loss(a, a) < mi_loss(a, shifted) - 0.5
 
 
 def _dense_mi(a, b, bins, weight):
@@ -84,7 +91,9 @@ def test_masked_similarity_ignores_outside():
     b[..., :, 8:] = 0
     mask = torch.zeros(1, 1, 16, 16, dtype=torch.float64)
     mask[..., :, :8] = 1
-    assert mse_loss(a, b, mask) == 0 and mse_loss(a, b) > 0
+    assert mse_loss(a, b, mask) == 0
+    torch.testing.assert_close(mse_loss(a, b), a[..., 8:].square().sum() / 256)
+    torch.testing.assert_close(mse_loss(a, b, 1 - mask), a[..., 8:].square().mean())
 
 
 def test_regularizers():
@@ -93,9 +102,20 @@ def test_regularizers():
     # A linear field has no bending but diffuses.
     y, x = torch.meshgrid(torch.arange(8.0), torch.arange(8.0), indexing="ij")
     lin = torch.stack([0.1 * x, 0.2 * y])[None].double()
-    assert bending_energy(lin) < 1e-12 and diffusion(lin) > 0
-    folded = torch.stack([-2.0 * x, torch.zeros_like(y)])[None].double()  # x -> -x: det < 0
-    assert folding_penalty(folded) > 0
+    assert bending_energy(lin) < 1e-12
+    # Mean squared forward differences, summed over axes: (0.1² + 0) / 2 + (0 + 0.2²) / 2.
+    assert abs(float(diffusion(lin)) - 0.025) < 1e-7
+    # Second differences: 0.2 for 0.1 x², 0.1 (counted twice) for 0.1 x y; averaged over the 2 components.
+    flat = torch.zeros_like(y)
+    quad = torch.stack([0.1 * x**2, flat])[None].double()
+    mixed = torch.stack([0.1 * x * y, flat])[None].double()
+    assert abs(float(bending_energy(quad)) - 0.02) < 1e-7
+    assert abs(float(bending_energy(mixed)) - 0.01) < 1e-7
+    folded = torch.stack([-2.0 * x, flat])[None].double()  # x -> -x: det = -1 everywhere
+    assert abs(float(folding_penalty(folded)) - 1.0) < 1e-7
+    stretched = torch.stack([0.5 * x, flat])[None].double()  # det = 1.5: no folding, below an eps of 2
+    assert folding_penalty(stretched) == 0
+    assert abs(float(folding_penalty(stretched, eps=2.0)) - 0.5) < 1e-7
 
 
 def test_jacobian_of_known_maps():

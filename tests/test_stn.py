@@ -11,6 +11,7 @@ from stnreg import (
     SpatialTransformer,
     ThinPlateSpline,
     uniform_control_points,
+    warp,
 )
 
 
@@ -27,8 +28,9 @@ def test_identity_initialized_and_trainable(transform):
     torch.testing.assert_close(out, x, atol=1e-5, rtol=0)
     out.square().mean().backward()
     assert stn.head.weight.grad is not None and stn.head.weight.grad.abs().sum() > 0
+    assert torch.isfinite(stn.head.bias.grad).all() and stn.head.bias.grad.abs().sum() > 0
     # With zero head weights, the localization net gets no gradient until the head moves.
-    assert torch.isfinite(stn.head.bias.grad).all()
+    assert all(p.grad is None or not p.grad.any() for p in loc.parameters())
 
 
 @pytest.mark.parametrize(
@@ -57,6 +59,9 @@ def test_output_size_and_3d():
     stn = SpatialTransformer(loc, Affine(3), features=8, output_size=(6, 7, 8))
     x = torch.rand(2, 2, 10, 12, 14)
     assert stn(x).shape == (2, 2, 6, 7, 8)
+    # The identity keeps the field of view (-1/+1 at the outer edges): a plain resize.
+    want = nn.functional.interpolate(x, size=(6, 7, 8), mode="trilinear", align_corners=False)
+    torch.testing.assert_close(stn(x), want, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="3D transformer"):
         stn(torch.rand(2, 2, 10, 12))
 
@@ -67,14 +72,26 @@ def test_loc_input_and_multi_transformer():
             nn.Sequential(nn.Flatten(), nn.Linear(2 * 16 * 16, 8), nn.ReLU()), Affine(2), 8, output_size=(8, 8)
         )
 
-    multi = MultiSpatialTransformer([make(), make()])
+    torch.manual_seed(0)
+    first, second = make(), make()
+    for t in (first, second):  # away from the identity, so that the two differ
+        with torch.no_grad():
+            t.head.weight.normal_(0, 0.1)
+    multi = MultiSpatialTransformer([first, second])
     x = torch.rand(4, 2, 16, 16)
     out = multi(x)
     assert out.shape == (4, 4, 8, 8)
+    torch.testing.assert_close(out, torch.cat([first(x), second(x)], dim=1))
+    assert (first(x) - second(x)).abs().max() > 0.05
     # A transformer that sees one input but warps another (registration: look at the pair, warp moving).
     stn = SpatialTransformer(nn.Sequential(nn.Flatten(), nn.Linear(2 * 16 * 16, 8)), Affine(2), 8)
+    with torch.no_grad():
+        stn.head.weight.normal_(0, 0.1)
     moving = torch.rand(4, 1, 16, 16)
-    assert stn(moving, loc_input=x).shape == (4, 1, 16, 16)
+    warped = stn(moving, loc_input=x)
+    assert warped.shape == (4, 1, 16, 16)
+    torch.testing.assert_close(warped, warp(moving, stn.predict(x)))
+    assert (warped - warp(moving, stn.predict(torch.rand(4, 2, 16, 16)))).abs().max() > 0.05
 
 
 def test_learns_a_translation():
@@ -93,7 +110,11 @@ def test_learns_a_translation():
         first = first if first is not None else float(loss.detach())
         loss.backward()
         opt.step()
-    assert float(loss.detach()) < 0.2 * first
+    assert float(loss.detach()) < 1e-4 * first  # it converges (to ~1e-9 of the start)
+    # A shift of 3 of 24 columns is 0.25 in normalized units; the output samples the input 0.25 to the right.
+    theta = stn.predict(shifted).params.detach()
+    want = torch.tensor([[1.0, 0.0, 0.25], [0.0, 1.0, 0.0]]).expand_as(theta)
+    torch.testing.assert_close(theta, want, atol=2e-3, rtol=0)
 
 
 def test_rejects_non_family():

@@ -221,36 +221,42 @@ def test_field_domain_survives_load_state_dict_and_with_params():
 
 @pytest.mark.parametrize("ndim", [2, 3])
 def test_compose_equals_warping_twice(ndim):
+    # a.compose(b) maps x -> a(b(x)), so warping by it equals warping by a, then by b. The perturbations
+    # are large enough that b∘a is far from a∘b (asserted), and the tolerances tight enough to tell them apart.
     shape = (32, 36) if ndim == 2 else (20, 22, 24)
-    image = smooth_image(shape, seed=2)
-    f = Affine(ndim, params=random_params(Affine(ndim), 0.05, 1))
-    g = Similarity(ndim, params=random_params(Similarity(ndim), 0.05, 2))
-    twice = warp(warp(image, f, padding="border"), g, padding="border")
-    once = warp(image, f.compose(g), padding="border")
+    image = smooth_image(shape, seed=2, sigma=4.0)
+    f = Affine(ndim, params=random_params(Affine(ndim), 0.2, 1))
+    g = Similarity(ndim, params=random_params(Similarity(ndim), 0.2, 2))
+    field = torch.randn(1, ndim, *[4] * ndim, generator=torch.Generator().manual_seed(ndim), dtype=torch.float64)
+    mode = "bilinear" if ndim == 2 else "trilinear"
+    u = Displacement(shape, params=0.08 * torch.nn.functional.interpolate(field, size=shape, mode=mode))
+    pts = torch.rand(1, 50, ndim, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * 1.4 - 0.7
+    nodes = lattice(shape, dtype=torch.float64).reshape(1, -1, ndim)
+
+    # Points: exact for matrices and for a field after a matrix; the fused field exact at its own nodes.
     assert isinstance(f.compose(g), Affine)
-    inner = (slice(None), slice(None), *tuple(slice(5, -5) for _ in shape))
-    torch.testing.assert_close(once[inner], twice[inner], atol=0.02, rtol=0)
-    u = Displacement(
-        shape,
-        params=0.02
-        * torch.nn.functional.interpolate(
-            torch.randn(1, ndim, *[4] * ndim, dtype=torch.float64),
-            size=shape,
-            mode="bilinear" if ndim == 2 else "trilinear",
-        ),
-    )
-    twice = warp(warp(image, u, padding="border"), f, padding="border")
-    once = warp(image, u.compose(f), padding="border")
+    torch.testing.assert_close(f.compose(g)(pts), f(g(pts)), atol=1e-10, rtol=0)
+    assert (g(f(pts)) - f(g(pts))).abs().max() > 0.03
     assert isinstance(u.compose(f), Composite)
-    torch.testing.assert_close(once[inner], twice[inner], atol=0.02, rtol=0)
+    torch.testing.assert_close(u.compose(f)(pts), u(f(pts)), atol=1e-10, rtol=0)
+    assert (f(u(pts)) - u(f(pts))).abs().max() > 0.03
     fused = u.compose(u)
     assert isinstance(fused, Displacement)
-    torch.testing.assert_close(
-        warp(image, fused, padding="border")[inner],
-        warp(warp(image, u, padding="border"), u, padding="border")[inner],
-        atol=0.02,
-        rtol=0,
-    )
+    torch.testing.assert_close(fused(nodes), u(u(nodes)), atol=1e-10, rtol=0)
+    assert (2 * u(nodes) - nodes - u(u(nodes))).abs().max() > 0.03  # adding the displacements is not composing
+
+    # Images: once through the composition = twice through the parts, up to the second resampling
+    # (<= 0.004 here); the swapped order is off by >= 0.013.
+    inner = (slice(None), slice(None), *tuple(slice(5, -5) for _ in shape))
+
+    def check(composed, first, second):
+        twice = warp(warp(image, first, padding="border"), second, padding="border")[inner]
+        once = warp(image, composed, padding="border")[inner]
+        torch.testing.assert_close(once, twice, atol=0.006, rtol=0)
+
+    check(f.compose(g), f, g)
+    check(u.compose(f), u, f)
+    check(fused, u, u)
 
 
 @pytest.mark.parametrize("name", ["translation", "rigid", "similarity", "attention", "affine", "projective"])
@@ -316,8 +322,13 @@ def test_batches_and_flat_params():
     theta = torch.tensor([[1.0, 0, 0.1, 0, 1.0, 0.0], [0.5, 0, 0, 0, 0.5, 0]])
     t = Affine(2).with_params(theta)
     assert t.params.shape == (2, 2, 3)
-    out = warp(torch.rand(1, 1, 8, 8), t, out=(4, 4))
+    image = torch.rand(1, 1, 8, 8)
+    out = warp(image, t, out=(4, 4))
     assert out.shape == (2, 1, 4, 4)
+    # Each item is warped by its own parameters (one image broadcast over the batch of transforms).
+    for i in range(2):
+        torch.testing.assert_close(out[i : i + 1], warp(image, Affine(2).with_params(theta[i : i + 1]), out=(4, 4)))
+    assert (out[0] - out[1]).abs().max() > 0.1
 
 
 def test_bad_parameters():
