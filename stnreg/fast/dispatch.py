@@ -27,7 +27,7 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -44,6 +44,7 @@ from .tps import fused_tps_warp
 
 __all__ = [
     "BSPLINE_ON_THE_FLY_MIN",
+    "Hooked",
     "fast_available",
     "fast_cubic",
     "fused_available",
@@ -56,6 +57,20 @@ __all__ = [
     "try_label_sample",
     "warp_chain",
 ]
+
+
+class Hooked(Protocol):
+    """What the rules ask of a transform; :class:`stnreg.transforms.Transform` answers all of it (this
+    layer sits below the transforms and never imports them)."""
+
+    fast_warp_kind: str | None
+
+    def affine_theta(self, out: Sequence[int] | Grid, source: Grid | None = None) -> Tensor | None: ...
+
+    def affine_head(self) -> tuple[Tensor | None, Hooked] | None: ...
+
+    def fast_warp_args(self, out: Sequence[int] | Grid, pixel_map: Tensor) -> tuple[Tensor, ...] | None: ...
+
 
 # Below this many output voxels a B-spline whose coefficients need a gradient warps faster through
 # its dense field (the sampler keeps ∂out/∂coords, so its backward is a product, where the on-the-fly
@@ -143,7 +158,7 @@ def fused_available(image: Tensor, padding: str) -> bool:
     return _fused_refusal(image, padding) is None
 
 
-def warp_chain(image: Tensor, transform: Any, source: Grid | None) -> tuple[Any, Tensor] | None:
+def warp_chain(image: Tensor, transform: Hooked, source: Grid | None) -> tuple[Hooked, Tensor] | None:
     """The innermost transform of a chain and ``(N or 1, d+1, d+1)`` float64 from its output point
     to the input pixel position: the constant affine matrices applied after it, the source's
     world-to-normalized map (world space) and normalized-to-pixel. ``None`` when a matrix of the
@@ -164,7 +179,7 @@ def warp_chain(image: Tensor, transform: Any, source: Grid | None) -> tuple[Any,
 
 def try_fused_warp(
     image: Tensor,
-    transform: Any,
+    transform: Hooked,
     out: Sequence[int] | Grid,
     source: Grid | None = None,
     mode: str = "linear",
@@ -223,7 +238,7 @@ def try_fused_warp(
 def try_fused_loss(
     moving: Tensor,
     fixed: Tensor,
-    transform: Any,
+    transform: Hooked,
     out: Grid,
     source: Grid,
     loss: str,
