@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 TUTORIALS = Path(__file__).resolve().parents[1] / "tutorials"
 
@@ -34,7 +35,15 @@ def test_register_3d_pair_notebook(tmp_path, data_dir):
         {"STNREG_DATA": str(data_dir), "STNREG_TUTORIAL_BUDGET": "0.1", "STNREG_TUTORIAL_OUT": str(tmp_path / "out")},
         tmp_path,
     )
-    assert ns["result"].metrics["dice_after"] > ns["result"].metrics["dice_before"]
+    # At this budget the notebook reaches NCC 0.834 (from 0.633) and gland Dice 0.838 (from 0.760), no
+    # folding. Without the SVF stage it reaches NCC 0.713, Dice 0.745; without rigid+affine, NCC 0.808,
+    # Dice 0.781: each threshold below fails when a stage does nothing useful.
+    m = ns["result"].metrics
+    assert m["ncc_after"] > 0.80, m
+    assert m["dice_after"] > 0.81 and m["dice_after"] > m["dice_before"] + 0.05, m
+    assert m["jacobian"]["folding_percent"] < 0.01, m["jacobian"]
+    assert abs(ns["dice"][1] - m["dice_after"]) < 0.02  # the labels carried through the saved transform
+    assert ns["rel"] < 0.01  # SimpleITK applies the exported transforms to the same effect (0.34% measured)
     assert (tmp_path / "out" / "qc.png").exists()
 
 
@@ -51,7 +60,13 @@ def test_learned_oasis2d_notebook(tmp_path, data_dir):
         {"STNREG_DATA": str(data_dir), "STNREG_TUTORIAL_BUDGET": "0.003", "STNREG_TUTORIAL_OUT": str(tmp_path / "out")},
         tmp_path,
     )
-    assert ns["refined"].metrics["ncc_after"] > ns["refined"].metrics["ncc_before"]
+    # 4 training steps leave the network near the identity (NCC 0.872 from 0.871); the 50 refinement
+    # steps reach NCC 0.960, registration from scratch 0.961, both without folding.
+    net, refined, scratch = (ns[k].metrics for k in ("net", "refined", "scratch"))
+    assert abs(net["ncc_after"] - net["ncc_before"]) < 0.02, net  # an untrained network does no harm
+    assert refined["ncc_after"] > 0.94 and scratch["ncc_after"] > 0.94, (refined, scratch)
+    assert refined["ncc_after"] > scratch["ncc_after"] - 0.02, (refined, scratch)
+    assert all(m["jacobian"]["folding_percent"] < 0.01 for m in (net, refined, scratch))
     assert (tmp_path / "out" / "pair" / "qc.png").exists() and (tmp_path / "out" / "learned_oasis2d.png").exists()
 
 
@@ -61,5 +76,15 @@ def test_stn_mnist_rts_notebook(tmp_path, data_dir):
         {"STNREG_DATA": str(data_dir), "STNREG_TUTORIAL_BUDGET": "0.01", "STNREG_TUTORIAL_OUT": str(tmp_path / "out")},
         tmp_path,
     )
-    assert all(e < 90.0 for e in ns["errors"].values())  # better than chance on a tiny budget
+    # 512 digits x 3 epochs of 128 = 12 steps per model: too few to learn RTS MNIST (89.1% and 89.8% test
+    # error measured, chance is 90%), so no accuracy is asserted; the notebook's wiring and budget are.
+    errors = ns["errors"]
+    assert set(errors) == {"cnn", "st-cnn"} and all(0 <= e <= 100 for e in errors.values()), errors
+    for task in ns["models"].values():
+        assert task.trainer.global_step == 12
+    st = ns["models"]["st-cnn"].model
+    x = ns["data"].test_set.tensors[0][:10].float() / 255
+    with torch.no_grad():
+        seen = st.transformed(x)
+    assert seen.shape == (10, 1, 21, 21) and torch.isfinite(seen).all()
     assert (tmp_path / "out" / "rts_transformer.png").exists()
