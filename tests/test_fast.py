@@ -598,15 +598,38 @@ def test_kernel_caches_older_than_a_kernel_source_are_dropped():
         fresh.unlink(missing_ok=True)
 
 
+def _label_coords(n, out, in_shape, dtype, g, ties):
+    """Normalized coordinates reaching past the edges, or on half-voxel positions, where neighbour
+    weights tie exactly (``ties``)."""
+    d = len(in_shape)
+    if not ties:
+        return torch.rand(n, *out, d, generator=g, dtype=torch.float64).to(dtype) * 2.6 - 1.3
+    sizes = torch.tensor(list(reversed(in_shape)), dtype=dtype)
+    half = torch.randint(-3, 2 * max(in_shape) + 2, (n, *out, d), generator=g).to(dtype) / 2
+    return (half + 0.5) * 2 / sizes - 1
+
+
 @pytest.mark.parametrize("padding", ["zeros", "border"])
-@pytest.mark.parametrize("spatial", [(9, 10), (6, 7, 8)])
-def test_label_sampling_votes_on_the_kernel_with_the_reference_values(monkeypatch, ran, padding, spatial):
-    g = torch.Generator().manual_seed(15)
-    labels = torch.randint(0, 5, (2, 1, *spatial), generator=g, dtype=torch.int32)
-    coords = stnreg.lattice(spatial).unsqueeze(0) * 1.1 + 0.2 * torch.rand(1, *spatial, len(spatial), generator=g)
-    fast = stnreg.sample(labels, coords, "label", padding)
-    assert ran("label", "label") == 1
-    monkeypatch.setenv("STNREG_FAST", "0")
-    ref = stnreg.sample(labels, coords, "label", padding)
-    assert ran("label", "reference") == 1
-    assert fast.dtype == ref.dtype and torch.equal(fast, ref)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("in_shape", "out"), [((37, 41), (45, 39)), ((11, 13, 12), (9, 10, 8))])
+def test_label_sampling_votes_on_the_kernel_with_the_reference_values(monkeypatch, ran, in_shape, out, dtype, padding):
+    """stnreg.sample(mode="label") takes the numba vote and gives the per-label reference's labels, ties,
+    negative labels, float and uint8 labels and a broadcast batch included."""
+    g = torch.Generator().manual_seed(len(in_shape) * 10 + (dtype == torch.float64))
+    many = torch.randint(-5, 120, (2, 2, *in_shape), generator=g)
+    few = torch.nn.functional.interpolate(
+        torch.randint(0, 6, (2, 2, *(s // 3 for s in in_shape)), generator=g).double() * 7, size=in_shape
+    ).long()
+    cases = 0
+    for labels in (many, few, few.float() + 0.5, (few > 20).to(torch.uint8)):
+        for ties in (False, True):
+            for n_coords in (2, 1):
+                coords = _label_coords(n_coords, out, in_shape, dtype, g, ties)
+                monkeypatch.setenv("STNREG_FAST", "1")
+                ours = stnreg.sample(labels, coords, "label", padding)
+                monkeypatch.setenv("STNREG_FAST", "0")
+                ref = stnreg.sample(labels, coords, "label", padding)
+                assert ours.dtype == ref.dtype == labels.dtype
+                assert torch.equal(ours, ref), (labels.dtype, ties, n_coords, int((ours != ref).sum()))
+                cases += 1
+    assert ran("label", "label") == cases and ran("label", "reference") == cases
