@@ -59,6 +59,8 @@ class RegistrationTask(L.LightningModule):
         regularization: weights of ``"diffusion"``, ``"bending"``, ``"folding"`` on dense fields
             (default ``{"diffusion": 1.0}``).
         dice_weight: weight of the Dice loss on labels (0: labels only evaluated).
+        similarity_weight: weight of the image similarity (0: trained by the labels alone, as on
+            synthetic pairs, :class:`~stnreg.learn.synth.SynthDataModule`).
         lr: Adam learning rate.
         augment: strength of random affine augmentation applied independently to each image of a
             training pair (0: none; 1: ±10° rotation, ~5% scale, ±5% shift).
@@ -84,6 +86,7 @@ class RegistrationTask(L.LightningModule):
         window: int = 9,
         regularization: dict[str, float] | None = None,
         dice_weight: float = 0.0,
+        similarity_weight: float = 1.0,
         lr: float = 1e-3,
         augment: float = 0.0,
         input_shape: list[int] | None = None,
@@ -110,7 +113,13 @@ class RegistrationTask(L.LightningModule):
         )
         self.regularization = {"diffusion": 1.0} if regularization is None else dict(regularization)
         # The same loss definition as instance optimization (stnreg.register) uses.
-        self.loss = RegistrationLoss(similarity, window, regularization=self.regularization, dice_weight=dice_weight)
+        self.loss = RegistrationLoss(
+            similarity,
+            window,
+            regularization=self.regularization,
+            dice_weight=dice_weight,
+            similarity_weight=similarity_weight,
+        )
 
     def forward(self, moving: Tensor, fixed: Tensor) -> RegistrationOutput:
         return self.net(moving, fixed)

@@ -27,6 +27,8 @@ class RegistrationLoss:
         regularization: weights of ``"diffusion"``, ``"bending"``, ``"folding"``, applied to every
             field given to :meth:`__call__` (``(N, d, *shape)``, in voxels of its grid).
         dice_weight: weight of ``dice_loss(warped_labels, fixed_labels)`` when labels are given.
+        similarity_weight: weight of the similarity (0: labels and regularizers alone, as networks
+            trained on synthetic label maps are, :mod:`stnreg.learn.synth`).
     """
 
     similarity: str = "lncc"
@@ -34,6 +36,7 @@ class RegistrationLoss:
     bins: int = 32
     regularization: dict[str, float] = field(default_factory=dict)
     dice_weight: float = 0.0
+    similarity_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if self.similarity not in SIMILARITIES:
@@ -70,7 +73,9 @@ class RegistrationLoss:
     ) -> dict[str, Tensor]:
         """Named terms (``"similarity"``, ``"<regularizer>_<k>"`` per field ``k``, ``"dice"``) and their
         sum ``"loss"``, each a batch mean."""
-        terms = {"similarity": self.similarity_term(warped, fixed, mask, generator)}
+        terms = {}
+        if self.similarity_weight:
+            terms["similarity"] = self.similarity_weight * self.similarity_term(warped, fixed, mask, generator)
         for k, fld in enumerate(fields):
             if fld is None:
                 continue
