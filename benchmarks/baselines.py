@@ -155,6 +155,8 @@ def test_scan_images(data: Path, factors: tuple[int, int, int] = (1, 1, 1), rota
 def run_stnreg(job: dict[str, Any]) -> tuple[float, Callable[[], np.ndarray]]:
     """``stnreg.register(paths, transform=settings["transform"], loss=...)`` then ``result.save(out)``.
 
+    ``settings["model"]`` (a checkpoint or a shipped model's name) registers with that network instead,
+    then ``settings["refine"]`` iterations of refinement;
     ``settings["loss"]`` absent means stnreg's default loss (the argument is not passed);
     ``settings["qc"]`` false skips the QC figure (the exact-recovery runs, timed to the written
     transform as the other libraries are).
@@ -167,9 +169,16 @@ def run_stnreg(job: dict[str, Any]) -> tuple[float, Callable[[], np.ndarray]]:
     torch.manual_seed(job["seed"])
     extra = {"loss": s["loss"]} if s.get("loss") else {}
     t0 = time.perf_counter()
-    result = stnreg.register(
-        job["moving"], job["fixed"], transform=s["transform"], progress=False, device="cpu", **extra
-    )
+    if s.get("model"):
+        from stnreg.learn import register_with_model
+
+        result = register_with_model(
+            s["model"], job["moving"], job["fixed"], s.get("refine", 0), device="cpu", progress=False
+        )
+    else:
+        result = stnreg.register(
+            job["moving"], job["fixed"], transform=s["transform"], progress=False, device="cpu", **extra
+        )
     reg_s = time.perf_counter() - t0
     result.save(job["out"], qc=s.get("qc", True))
     return reg_s, lambda: result.displacement().numpy()

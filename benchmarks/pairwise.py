@@ -59,6 +59,7 @@ from tqdm import tqdm
 
 import stnreg
 from stnreg.image import Image
+from stnreg.learn.task import MODEL_DIR, SHIPPED
 from stnreg.metrics import centroid_distance, dice, hd95, jacobian_stats
 from stnreg.sampler import gaussian_blur
 from stnreg.transforms import Displacement, StationaryVelocity
@@ -89,10 +90,16 @@ TISSUE_NAMES = {1: "WM", 2: "GM"}
 def method_table(args: argparse.Namespace) -> dict[str, tuple[str, dict[str, Any], int]]:
     """Method name -> (library, settings, runs per pair)."""
     seeds, strong = args.seeds, args.strong_seeds if args.strong_seeds is not None else args.seeds
-    return {
+    table = {
         "stnreg affine": ("stnreg", {"transform": "rigid+affine"}, args.stnreg_runs),
         "stnreg affine+svf": ("stnreg", {"transform": "rigid+affine+svf"}, args.stnreg_runs),
         "stnreg affine+bspline": ("stnreg", {"transform": "rigid+affine+bspline"}, args.stnreg_runs),
+        "stnreg synth network": ("stnreg", {"model": "synth", "transform": "network"}, args.stnreg_runs),
+        "stnreg synth network+refine": (
+            "stnreg",
+            {"model": "synth", "refine": 50, "transform": "network+refine"},
+            args.stnreg_runs,
+        ),
         "ANTs Affine": ("ants", {"type": "Affine"}, seeds),
         "ANTs SyN": ("ants", {"type": "SyN"}, seeds),
         f"ANTs {args.ants_strong}": ("ants", {"type": args.ants_strong}, strong),
@@ -101,6 +108,9 @@ def method_table(args: argparse.Namespace) -> dict[str, tuple[str, dict[str, Any
         "elastix rigid+affine": ("elastix", {"maps": ["rigid", "affine"]}, seeds),
         "elastix rigid+affine+bspline": ("elastix", {"maps": ["rigid", "affine", "bspline"]}, seeds),
     }
+    if not (MODEL_DIR / SHIPPED["synth"]).is_file():  # a checkout without the shipped network
+        table = {k: v for k, v in table.items() if "synth" not in k}
+    return table
 
 
 def settings_for(library: str, settings: dict[str, Any], case: dict[str, Any]) -> dict[str, Any]:

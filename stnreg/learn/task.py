@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from torch import Tensor
 
+from ..errors import InputError
 from ..fields import jacobian_determinant
 from ..losses import RegistrationLoss
 from ..sampler import sample
@@ -24,7 +26,7 @@ from ..transforms.base import Transform
 from ..transforms.matrix import Affine, rotation_matrix
 from .model import DENSE, RegistrationNet, RegistrationOutput
 
-__all__ = ["RegistrationTask", "load_task", "random_affine", "voxel_displacement"]
+__all__ = ["SHIPPED", "RegistrationTask", "load_task", "random_affine", "voxel_displacement"]
 
 
 def random_affine(n: int, ndim: int, strength: float, generator: torch.Generator | None = None) -> Affine:
@@ -192,15 +194,22 @@ class RegistrationTask(L.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
 
 
-def load_task(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> RegistrationTask:
-    """A trained :class:`RegistrationTask` from a Lightning checkpoint, in eval mode."""
-    from pathlib import Path
+# Models shipped inside the package, by name (``stnreg register ... --model synth``).
+SHIPPED = {"synth": "synth_affine_svf.ckpt"}
+MODEL_DIR = Path(__file__).resolve().parent / "models"
 
-    p = Path(path)
+
+def load_task(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> RegistrationTask:
+    """A trained :class:`RegistrationTask` from a Lightning checkpoint, in eval mode.
+
+    ``path`` is a checkpoint file or the name of a shipped model (:data:`SHIPPED`: ``"synth"``, a 3D
+    affine + SVF network trained on synthetic pairs only, :mod:`stnreg.learn.synth`).
+    """
+    p = MODEL_DIR / SHIPPED[str(path)] if str(path) in SHIPPED else Path(path)
     if not p.is_file():
-        raise ValueError(f"{p}: no such checkpoint file")
+        raise InputError(f"{path}: no such checkpoint file (shipped models: {', '.join(SHIPPED)})")
     try:
         task = RegistrationTask.load_from_checkpoint(p, map_location=map_location)
     except (KeyError, RuntimeError, TypeError) as err:
-        raise ValueError(f"{p}: not a stnreg registration checkpoint ({err})") from None
+        raise InputError(f"{p}: not a stnreg registration checkpoint ({err})") from None
     return task.eval()
