@@ -44,10 +44,16 @@ def smooth_noise(
 ) -> Tensor:
     """Gaussian noise drawn on a coarse lattice (one sample per ``cell`` voxels) and upsampled
     (linear) to ``shape``: ``(n, channels, *shape)``, smooth on a scale of ``cell`` voxels."""
-    coarse = [max(2, math.ceil(s / cell)) for s in shape]
+    # One coarse sample of margin each side: upsampling clamps at the edges, which would leave bands
+    # half a cell wide that are constant across the edge (stripes, once warped).
+    margin = math.ceil(cell)
+    coarse = [max(2, math.ceil(s / cell)) + 2 for s in shape]
     noise = torch.randn(n, channels, *coarse, generator=generator, device=device)
     mode = "bilinear" if len(shape) == 2 else "trilinear"
-    return F.interpolate(noise, size=tuple(shape), mode=mode, align_corners=False)
+    big = F.interpolate(noise, size=tuple(s + 2 * margin for s in shape), mode=mode, align_corners=False)
+    for dim, s in enumerate(shape, start=2):
+        big = big.narrow(dim, margin, s)
+    return big
 
 
 def random_velocity(
