@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..errors import InputError
 from ..image import Image
 from ..transforms.base import Composite, Transform
 from ..transforms.dense import Displacement
@@ -99,10 +100,10 @@ def register_with_model(
     mov, fix = load_image(moving, "moving"), load_image(fixed, "fixed")
     h = task.hparams
     if mov.ndim != h.ndim or fix.ndim != h.ndim:
-        raise ValueError(f"the model registers {h.ndim}D images; got moving {mov.ndim}D and fixed {fix.ndim}D")
+        raise InputError(f"the model registers {h.ndim}D images; got moving {mov.ndim}D and fixed {fix.ndim}D")
     for img in (mov, fix):
         if not bool(torch.isfinite(img.data).all()):
-            raise ValueError(f"{img.name}: contains NaN or infinite values")
+            raise InputError(f"{img.name}: contains NaN or infinite values")
     shape = tuple(h.input_shape) if h.input_shape else fix.grid.shape
     net_grid = fix.grid.with_shape(shape)
     with torch.no_grad():

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from ..errors import InputError
 from .regularizers import bending_energy, diffusion, folding_penalty
 from .similarity import dice_loss, lncc_loss, mi_loss, mse_loss, ncc_loss
 
@@ -40,10 +41,10 @@ class RegistrationLoss:
 
     def __post_init__(self) -> None:
         if self.similarity not in SIMILARITIES:
-            raise ValueError(f"loss must be one of {', '.join(SIMILARITIES)}, got {self.similarity!r}")
+            raise InputError(f"loss must be one of {', '.join(SIMILARITIES)}, got {self.similarity!r}")
         for name in self.regularization:
             if name not in REGULARIZERS:
-                raise ValueError(f"unknown regularizer {name!r}; choose from {', '.join(REGULARIZERS)}")
+                raise InputError(f"unknown regularizer {name!r}; choose from {', '.join(REGULARIZERS)}")
 
     def similarity_term(
         self,

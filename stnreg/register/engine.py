@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from ..coords import Grid
 from ..cubic import bspline_prefilter, cubic_sample
+from ..errors import InputError
 from ..fast.dispatch import try_fused_loss
 from ..image import Image
 from ..losses import REGULARIZERS, RegistrationLoss, dice_loss
@@ -131,7 +132,7 @@ def register_many(
     """
     t_start = time.perf_counter()
     if tol is not None and tol < 0:
-        raise ValueError(f"tol must be >= 0, got {tol}")
+        raise InputError(f"tol must be >= 0, got {tol}")
     objective = RegistrationLoss(loss, bins=bins, dice_weight=dice_weight)
     if linear_loss is not None:
         RegistrationLoss(linear_loss)  # validates the name
@@ -158,7 +159,7 @@ def register_many(
     if initial_matrix is not None:
         m0 = torch.as_tensor(initial_matrix, dtype=torch.float64).cpu()
         if m0.shape[-2:] != (d + 1, d + 1) or m0.shape[0] not in (1, n):
-            raise ValueError(f"initial_matrix must be (1 or {n}, {d + 1}, {d + 1}), got {tuple(m0.shape)}")
+            raise InputError(f"initial_matrix must be (1 or {n}, {d + 1}, {d + 1}), got {tuple(m0.shape)}")
         m0 = m0.expand(n, d + 1, d + 1)
     projective = bool((m0[:, d, :d].abs() > 1e-12).any())
     prefix: MatrixTransform = (Projective if projective else Affine).from_matrix(m0.float()).to(dev)
@@ -380,7 +381,7 @@ class _Run:
             weights = {"diffusion": 0.5} if stage.family in ("svf", "displacement") else {"bending": 1.0}
         for name in weights:
             if name not in REGULARIZERS:
-                raise ValueError(f"unknown regularizer {name!r}; choose from {', '.join(REGULARIZERS)}")
+                raise InputError(f"unknown regularizer {name!r}; choose from {', '.join(REGULARIZERS)}")
         loss = RegistrationLoss(self.loss.similarity, self.loss.window, self.loss.bins, weights, self.loss.dice_weight)
         gen = torch.Generator(device=dev).manual_seed(self.seed)
         lv = levels(stage, p.fixed_grid.shape)
@@ -422,11 +423,11 @@ class _Run:
         """Symmetric greedy diffeomorphic registration after the matrix part (see :mod:`.syn`)."""
         p, stage = self.problem, self.stage
         if fixed_part is not None:
-            raise ValueError("the syn stage does not take an initial deformable transform; use svf to refine one")
+            raise InputError("the syn stage does not take an initial deformable transform; use svf to refine one")
         if prefix.projective:
-            raise ValueError("the syn stage follows affine stages only, not a projective one")
+            raise InputError("the syn stage follows affine stages only, not a projective one")
         if "moving_labels" in p.pyramids:
-            raise ValueError("dice_weight > 0 is not supported by the syn stage; use svf or bspline")
+            raise InputError("dice_weight > 0 is not supported by the syn stage; use svf or bspline")
         matrix = prefix.matrix().detach()
         x: Tensor | None = None
         level: SynLevel | None = None

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from ..coords import Grid
+from ..errors import InputError
 
 __all__ = ["initial_matrix", "world_moments"]
 
@@ -51,7 +52,7 @@ def initial_matrix(fixed: Tensor, fgrid: Grid, moving: Tensor, mgrid: Grid, init
     if init == "none":
         return m, cf
     if init not in ("com", "moments"):
-        raise ValueError(f"init must be 'com', 'moments' or 'none', got {init!r}")
+        raise InputError(f"init must be 'com', 'moments' or 'none', got {init!r}")
     rot = torch.eye(d, dtype=torch.float64)
     if init == "moments":
         vf, vm = _principal_axes(cov_f), _principal_axes(cov_m)

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ..coords import Grid
+from ..errors import InputError
 from ..image import Image, as_image
 from ..pyramid import Pyramid
 
@@ -36,9 +37,9 @@ def load_image(x: Image | Tensor | np.ndarray | str | os.PathLike, what: str, la
 def _gray(img: Image) -> Tensor:
     data = img.data.float().mean(0, keepdim=True)
     if not bool(torch.isfinite(data).all()):
-        raise ValueError(f"{img.name}: contains NaN or infinite values")
+        raise InputError(f"{img.name}: contains NaN or infinite values")
     if float(data.max() - data.min()) <= 0:
-        raise ValueError(f"{img.name}: the image is constant ({float(data.min()):g} everywhere); nothing to register")
+        raise InputError(f"{img.name}: the image is constant ({float(data.min()):g} everywhere); nothing to register")
     return data
 
 
@@ -76,7 +77,7 @@ def load_labels(
     if labels is None:
         return [None] * len(mov_imgs), [[] for _ in mov_imgs]
     if len(labels) != len(mov_imgs):
-        raise ValueError(f"labels given for {len(labels)} pairs, but there are {len(mov_imgs)}")
+        raise InputError(f"labels given for {len(labels)} pairs, but there are {len(mov_imgs)}")
     maps: list[tuple[Image, Image] | None] = []
     ids: list[list[int]] = []
     for pair, m, f in zip(labels, mov_imgs, fix_imgs, strict=True):
@@ -87,11 +88,11 @@ def load_labels(
         lm, lf = (load_image(x, what, True) for x, what in zip(pair, ("moving labels", "fixed labels"), strict=True))
         lm, lf = Image(lm.data[:1], lm.grid, lm.name), Image(lf.data[:1], lf.grid, lf.name)
         if lm.grid.shape != m.grid.shape or lf.grid.shape != f.grid.shape:
-            raise ValueError(f"label maps {lm.name}, {lf.name} must lie on the grids of their images")
+            raise InputError(f"label maps {lm.name}, {lf.name} must lie on the grids of their images")
         in_m, in_f = set(label_values(lm.data)), set(label_values(lf.data))
         common = sorted(in_m & in_f)
         if not common:
-            raise ValueError(
+            raise InputError(
                 f"the label maps share no non-zero label: {lm.name} has {sorted(in_m)[:10]}, "
                 f"{lf.name} has {sorted(in_f)[:10]}"
             )
@@ -156,16 +157,16 @@ def build_problem(
 ) -> Problem:
     """Load and check the inputs of :func:`stnreg.register.register_many` (see there)."""
     if len(movings) != len(fixeds) or not movings:
-        raise ValueError(f"need as many moving as fixed images (got {len(movings)} and {len(fixeds)})")
+        raise InputError(f"need as many moving as fixed images (got {len(movings)} and {len(fixeds)})")
     mov_imgs = [load_image(m, "moving") for m in movings]
     fix_imgs = [load_image(f, "fixed") for f in fixeds]
     for m, f in zip(mov_imgs, fix_imgs, strict=True):
         if m.ndim != f.ndim:
-            raise ValueError(f"dimension mismatch: moving {m.name} is {m.ndim}D, fixed {f.name} is {f.ndim}D")
+            raise InputError(f"dimension mismatch: moving {m.name} is {m.ndim}D, fixed {f.name} is {f.ndim}D")
     for imgs, what in ((mov_imgs, "moving"), (fix_imgs, "fixed")):
         for other in imgs[1:]:
             if not other.grid.same_geometry(imgs[0].grid):
-                raise ValueError(f"batched registration needs the {what} images on one grid: {other.name} differs")
+                raise InputError(f"batched registration needs the {what} images on one grid: {other.name} differs")
     pairs = [intensities(m, f, joint_intensities) for m, f in zip(mov_imgs, fix_imgs, strict=True)]
     m_int = torch.cat([p[0] for p in pairs]).to(device)
     f_int = torch.cat([p[1] for p in pairs]).to(device)
@@ -176,12 +177,12 @@ def build_problem(
     if fixed_mask is not None:
         fmask = load_image(fixed_mask, "fixed mask").batch(device=device)
         if tuple(fmask.shape[2:]) != fgrid.shape:
-            raise ValueError(f"fixed mask shape {tuple(fmask.shape[2:])} does not match the fixed grid {fgrid.shape}")
+            raise InputError(f"fixed mask shape {tuple(fmask.shape[2:])} does not match the fixed grid {fgrid.shape}")
         problem.pyramids["mask"] = Pyramid(fmask.float(), fgrid)
     if dice_labels:
         common = sorted(set.intersection(*[set(ids) for ids in label_ids])) if all(label_maps) else []
         if not common:
-            raise ValueError("dice_weight > 0 needs label maps for every pair with at least one common label")
+            raise InputError("dice_weight > 0 needs label maps for every pair with at least one common label")
         onehot_m = torch.stack([torch.stack([lm[0].data[0] == v for v in common]) for lm in label_maps])
         onehot_f = torch.stack([torch.stack([lm[1].data[0] == v for v in common]) for lm in label_maps])
         problem.pyramids["moving_labels"] = Pyramid(onehot_m.float().to(device), mgrid)

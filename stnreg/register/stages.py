@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import InputError
+
 __all__ = ["DEFAULTS", "DEFORMABLE", "MATRIX", "Stage", "levels", "parse_pipeline", "stage_loss"]
 
 MATRIX = ("translation", "rigid", "similarity", "affine", "projective")
@@ -124,24 +126,24 @@ def parse_pipeline(transform: str | Sequence[str | Stage]) -> list[Stage]:
     items = transform.split("+") if isinstance(transform, str) else list(transform)
     stages = [s if isinstance(s, Stage) else Stage(str(s).strip().lower()) for s in items]
     if not stages:
-        raise ValueError("empty transform pipeline")
+        raise InputError("empty transform pipeline")
     seen_deformable = False
     for s in stages:
         if s.family not in DEFAULTS:
-            raise ValueError(f"unknown transform {s.family!r}; choose from {', '.join(DEFAULTS)} joined by '+'")
+            raise InputError(f"unknown transform {s.family!r}; choose from {', '.join(DEFAULTS)} joined by '+'")
         if seen_deformable:
-            raise ValueError(f"{s.family!r} after a deformable stage: the deformable stage must come last")
+            raise InputError(f"{s.family!r} after a deformable stage: the deformable stage must come last")
         seen_deformable = s.family in DEFORMABLE
         for key, value in DEFAULTS[s.family].items():
             if getattr(s, key) is None:
                 setattr(s, key, value)
         if len(s.shrink) != len(s.iterations):
-            raise ValueError(f"stage {s.family}: shrink {s.shrink} and iterations {s.iterations} differ in length")
+            raise InputError(f"stage {s.family}: shrink {s.shrink} and iterations {s.iterations} differ in length")
         allowed = ("greedy",) if s.family == "syn" else ("lbfgs", "adam") if s.family in MATRIX else ("adam",)
         if s.solver not in allowed:
-            raise ValueError(f"stage {s.family}: solver must be one of {', '.join(allowed)}, got {s.solver!r}")
+            raise InputError(f"stage {s.family}: solver must be one of {', '.join(allowed)}, got {s.solver!r}")
         if s.interpolation not in (None, "linear", "cubic"):
-            raise ValueError(f"stage {s.family}: interpolation must be 'linear' or 'cubic', got {s.interpolation!r}")
+            raise InputError(f"stage {s.family}: interpolation must be 'linear' or 'cubic', got {s.interpolation!r}")
         if s.tol < 0:
-            raise ValueError(f"stage {s.family}: tol must be >= 0, got {s.tol}")
+            raise InputError(f"stage {s.family}: tol must be >= 0, got {s.tol}")
     return stages
