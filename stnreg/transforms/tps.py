@@ -60,8 +60,9 @@ class ThinPlateSpline(ParametricTransform):
     Args:
         control_points: ``(K, d)`` control points in domain coordinates (``K >= d + 1``, not all
             on one hyperplane).
-        regularization: ``λ >= 0`` added to the kernel's diagonal; larger is smoother and no longer
-            interpolates the targets exactly.
+        regularization: ``λ >= 0`` on the kernel's diagonal (with the sign that makes the system
+            definite: ``+λ`` in 2D, ``-λ`` for the 3D kernel ``U = r``); larger is smoother and no
+            longer interpolates the targets exactly.
     """
 
     def __init__(
@@ -84,7 +85,11 @@ class ThinPlateSpline(ParametricTransform):
         super().__init__(d, batch, params)
         self.regularization = float(regularization)
         system = torch.zeros(k + d + 1, k + d + 1, dtype=torch.float64)
-        system[:k, :k] = tps_kernel(_sq_dist(cp, cp), d) + self.regularization * torch.eye(k, dtype=torch.float64)
+        # The 3D kernel U = r is conditionally *negative* definite (the 2D one positive), so λ enters
+        # with the opposite sign there: the same fit as U = -r + λI, whose interpolant is unchanged.
+        # With +λ the 3D system passed through a singular matrix near λ = 1 and did not smooth.
+        smoothing = self.regularization if d == 2 else -self.regularization
+        system[:k, :k] = tps_kernel(_sq_dist(cp, cp), d) + smoothing * torch.eye(k, dtype=torch.float64)
         poly = torch.cat([torch.ones(k, 1, dtype=torch.float64), cp], 1)
         system[:k, k:] = poly
         system[k:, :k] = poly.T
