@@ -16,7 +16,7 @@ from stnreg.fields import jacobian_determinant, world_to_voxel_displacement
 from stnreg.image import Image
 from stnreg.io import read_transform, write_displacement
 from stnreg.metrics import _jacobian_determinant_blocks, jacobian_stats
-from stnreg.report import _middle_slab, _slab_displacement, qc_figure, save_result
+from stnreg.report import _deformable_on, _slab, qc_figure, save_result
 from stnreg.sampler import sample
 from stnreg.transforms.base import Composite
 from stnreg.transforms.dense import StationaryVelocity
@@ -176,21 +176,23 @@ def test_save_result_writes_less_by_default_and_lists_it(tmp_path):
     np.testing.assert_allclose(back, np.moveaxis(r.displacement().numpy(), 0, -1), atol=1e-6)
 
 
-def test_qc_figure_slab_matches_the_volume(tmp_path):
+@pytest.mark.parametrize(("axis", "where"), [(0, "middle"), (1, "middle"), (2, "middle"), (1, "edge")])
+def test_qc_figure_slabs_match_the_volume(tmp_path, axis, where):
     r = _result((9, 10, 11))
-    plane, slab, mid = _middle_slab(r.fixed.grid)
-    k = r.fixed.grid.shape[0] // 2
     grid = r.fixed.grid
-    pts = slab.points("world", torch.float64)
-    torch.testing.assert_close(pts[mid], grid.points("world", torch.float64)[k])
-    torch.testing.assert_close(plane.points("world", torch.float64)[0], grid.points("world", torch.float64)[k])
-    disp = r.displacement()[None].double()
-    full = jacobian_determinant(world_to_voxel_displacement(disp, grid.index_to_world()))[0, k]
-    part = jacobian_determinant(world_to_voxel_displacement(disp[:, :, k - 1 : k + 2], grid.index_to_world()))
-    torch.testing.assert_close(part[0, 1], full)
-    # The slab's displacement from the deformable field and the matrix is the transform's own.
+    k = grid.shape[axis] // 2 if where == "middle" else 0
+    plane, slab, mid = _slab(grid, axis, k)
+    pts = grid.points("world", torch.float64)
+    torch.testing.assert_close(slab.points("world", torch.float64).select(axis, mid), pts.select(axis, k))
+    torch.testing.assert_close(plane.points("world", torch.float64).select(axis, 0), pts.select(axis, k))
+    # The deformable part's displacement cut from its field is the part evaluated on the slab ...
     deform = r.deformable_displacement()
-    from_field = _slab_displacement(r, slab, k - mid, deform)
-    torch.testing.assert_close(from_field, _slab_displacement(r, slab, k - mid, None), atol=1e-4, rtol=0)
-    torch.testing.assert_close(from_field[0, :, mid].float(), r.displacement()[:, k], atol=1e-4, rtol=0)
-    assert qc_figure(r, tmp_path / "qc.png", deform).stat().st_size > 10_000
+    from_field = _deformable_on(r, slab, axis, k - mid, deform)
+    torch.testing.assert_close(from_field, _deformable_on(r, slab, axis, k - mid, None), atol=1e-4, rtol=0)
+    # ... and its Jacobian on the plane (central differences across it from the slab, one-sided at
+    # the edge) is the whole volume's there.
+    full = jacobian_determinant(world_to_voxel_displacement(deform[None].double(), grid.index_to_world()))
+    part = jacobian_determinant(world_to_voxel_displacement(from_field[None], slab.index_to_world()))
+    torch.testing.assert_close(part[0].select(axis, mid), full[0].select(axis, k))
+    if axis == 0:
+        assert qc_figure(r, tmp_path / "qc.png", deform).stat().st_size > 10_000
