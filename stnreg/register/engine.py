@@ -28,7 +28,6 @@ from ..losses import REGULARIZERS, RegistrationLoss, dice_loss
 from ..sampler import sample
 from ..transforms import FAMILIES
 from ..transforms.base import Composite, Transform, clear_lattice_cache
-from ..transforms.dense import Displacement
 from ..transforms.matrix import Affine, MatrixTransform, Projective
 from ..warp import apply, warp
 from .initialize import initial_matrix
@@ -391,7 +390,7 @@ class _Run:
         raw = torch.zeros_like(init_params)
         head = prefix if fixed_part is None else prefix.compose(fixed_part)
         for factor, cap in lv:
-            if isinstance(family, Displacement):
+            if family.lattice_field:
                 family, raw, scale, init_params = refine_field(
                     family, raw.detach(), stage, p.fixed_grid, center, p.voxel, factor, n
                 )

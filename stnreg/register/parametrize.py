@@ -87,7 +87,7 @@ def item(t: Transform, i: int) -> Transform:
 def params_from_raw(raw: Tensor, scale: Tensor, init: Tensor, family: ParametricTransform, stage: Stage) -> Tensor:
     """Scaled raw variables to family parameters; fields through a Gaussian preconditioner."""
     step = raw * scale
-    if isinstance(family, Displacement) and stage.smooth:
+    if family.lattice_field and stage.smooth:
         # On the CPU: the blur reads sigma's largest value on the host, which on a GPU would wait
         # for the device every iteration.
         sigma = torch.full((1, family.ndim), float(stage.smooth), dtype=raw.dtype)

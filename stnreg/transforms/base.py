@@ -189,6 +189,9 @@ class ParametricTransform(Transform):
     """
 
     param_shape: tuple[int, ...]
+    #: Whether the parameters are a dense field on a lattice (``(N, d, *shape)``): registration then
+    #: refines the lattice level by level and preconditions the steps with a Gaussian.
+    lattice_field: bool = False
 
     def __init__(self, ndim: int, batch: int = 1, params: Tensor | None = None) -> None:
         super().__init__(ndim)

@@ -191,6 +191,7 @@ class Displacement(ParametricTransform):
         return points + _interpolate(self.field(), u).to(points.dtype)
 
     fast_warp_kind = "field"
+    lattice_field = True
 
     def fast_warp_args(self, out: Sequence[int] | Grid, pixel_map: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
         """``(field, K, R)`` of :func:`~stnreg.fast.fused_field_warp` when the output lattice covers the
