@@ -98,9 +98,9 @@ def test_synth_3d_notebook(tmp_path, data_dir):
     )
     assert ns["trainer"].global_step == 2
     net, refined = ns["net"].metrics, ns["refined"].metrics
-    # The shipped network's prediction is scored on the real pair (see benchmarks/results/learned-synth.md
-    # for what it reaches); 5 refinement steps after it raise the gland Dice by 0.1 (0.591 -> 0.696).
-    assert refined["dice_after"] > net["dice_before"] + 0.05, (net, refined)
+    # Without a shipped network the notebook uses the one it trained for 2 steps (no change: Dice 0.591);
+    # 10 refinement steps after it raise the gland Dice to 0.673. Without refinement the check fails.
+    assert refined["dice_after"] > net["dice_after"] + 0.05, (net, refined)
     assert all(m["jacobian"]["folding_percent"] < 0.01 for m in (net, refined))
     assert ns["net"].settings["network"]["stages"] == ["affine", "svf"]
     assert (tmp_path / "out" / "synthetic_vs_real.png").stat().st_size > 10_000

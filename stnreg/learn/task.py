@@ -206,8 +206,13 @@ def load_task(path: str | os.PathLike, map_location: str | torch.device = "cpu")
     affine + SVF network trained on synthetic pairs only, :mod:`stnreg.learn.synth`).
     """
     p = MODEL_DIR / SHIPPED[str(path)] if str(path) in SHIPPED else Path(path)
+    if str(path) in SHIPPED and not p.is_file():
+        raise InputError(
+            f"the model {path!r} is not installed ({p} is missing): train one with stnreg fit --config "
+            f"configs/synth_affine_svf.yaml and give its checkpoint, or place it there"
+        )
     if not p.is_file():
-        raise InputError(f"{path}: no such checkpoint file (shipped models: {', '.join(SHIPPED)})")
+        raise InputError(f"{path}: no such checkpoint file")
     try:
         task = RegistrationTask.load_from_checkpoint(p, map_location=map_location)
     except (KeyError, RuntimeError, TypeError) as err:
