@@ -44,13 +44,6 @@ def _nanmean(values: Sequence[float]) -> float:
     return float(np.mean(vals)) if vals else float("nan")
 
 
-def _gray01(data: Tensor, ref: Image) -> Tensor:
-    """Channel mean of ``data`` ``(C, ...)`` scaled to [0, 1] by the range of ``ref``'s pixels."""
-    src = ref.data.float()
-    lo, hi = float(src.min()), float(src.max())
-    return ((data.float().mean(0) - lo) / max(hi - lo, 1e-12)).clamp(0, 1)
-
-
 def _chain(t: Transform | None) -> list[Transform]:
     if t is None:
         return []
@@ -111,9 +104,11 @@ def evaluate(
         both = apply(identity, Image(torch.cat([moving.data.float(), ones]), moving.grid), fixed).data
         found = apply(mapping, Image(ones, moving.grid), fixed).data
         mask = ((both[-1:] > 0.999) & (found > 0.999)).float()[None]
-        f = _gray01(fixed.data, fixed)[None, None]
-        ncc_b = 1 - float(ncc_loss(_gray01(both[:-1], moving)[None, None], f, mask=mask))
-        ncc_a = 1 - float(ncc_loss(_gray01(result.warped.data, moving)[None, None], f, mask=mask))
+        # NCC ignores each image's intensity scale and offset, and the mask keeps values that lie in
+        # their image's range: the channel means need no rescaling (0.1 s on a 1 mm brain).
+        f = fixed.data.float().mean(0)[None, None]
+        ncc_b = 1 - float(ncc_loss(both[:-1].mean(0)[None, None], f, mask=mask))
+        ncc_a = 1 - float(ncc_loss(result.warped.data.float().mean(0)[None, None], f, mask=mask))
     metrics: dict[str, Any] = {"ncc_before": ncc_b, "ncc_after": ncc_a, "ncc_overlap_fraction": float(mask.mean())}
     if moving_labels is not None and fixed_labels is not None:
         with torch.no_grad():
