@@ -91,11 +91,12 @@ def register_with_model(
         ``timings`` with ``inference_s`` and ``refine_s``.
     """
     from ..register import RegistrationResult
+    from ..register.options import resolve_device
     from ..register.problem import load_image, load_labels
 
     t0 = time.perf_counter()
     task = model if isinstance(model, RegistrationTask) else load_task(model)
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = resolve_device(device)
     task = task.to(dev).eval()
     mov, fix = load_image(moving, "moving"), load_image(fixed, "fixed")
     h = task.hparams
