@@ -173,7 +173,7 @@ def run_stnreg(job: dict[str, Any]) -> tuple[float, Callable[[], np.ndarray]]:
         from stnreg.learn import register_with_model
 
         result = register_with_model(
-            s["model"], job["moving"], job["fixed"], s.get("refine", 0), device="cpu", progress=False
+            s["model"], job["moving"], job["fixed"], s.get("refine", 0), device="cpu", progress=False, **extra
         )
     else:
         result = stnreg.register(

@@ -17,10 +17,16 @@ SDlogJ, NCC): ``network`` (one forward pass), ``network+refine`` (``--refine`` i
 instance optimization, an SVF composed after the prediction), ``stnreg instance`` (:func:`stnreg.register`, the same
 transform family, from scratch) and ``ANTs SyN`` (antspyx defaults; skipped when not installed).
 Times are the registration call on one thread: stnreg's own ``timings["total_s"]`` (loading and
-resampling included, metrics excluded), ANTs' wall time. Training time and peak memory (RSS growth)
+resampling included, metrics excluded), ANTs' wall time in its worker process
+(``benchmarks/baselines.py``, seed 1, reading to written outputs). Training time and peak memory (RSS growth)
 are measured around ``Trainer.fit`` on ``--train-threads`` threads.
 
-    python benchmarks/learned.py [--cases oasis2d,prostate] [--steps N] [--refine 50] [--checkpoint-dir DIR]
+* ``synth``: the shipped network trained on synthetic pairs only (``--model synth``; never trained
+  here, never shown a real scan): the prostate REPORT set, MR -> ultrasound (refinement and
+  instance optimization with mutual information) and test_scan -> MNI152, as in
+  ``benchmarks/pairwise.py``.
+
+    python benchmarks/learned.py [--cases oasis2d,prostate,synth] [--steps N] [--refine 50] [--checkpoint-dir DIR]
 
 Writes ``benchmarks/results/learned.md`` and ``.json``; checkpoints go to ``--checkpoint-dir``.
 """
@@ -31,6 +37,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -46,16 +53,57 @@ import yaml
 from skimage.filters import threshold_multiotsu
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pairwise import _label_of, ants_method, before_row, measured, score
+from baselines import Workers, job_name
+from pairwise import case_mni, case_mrus, case_prostate, score
 
 import stnreg
 from stnreg.learn import PairDataModule, RegistrationTask, load_task, register_with_model
+from stnreg.learn.task import MODEL_DIR, SHIPPED
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 DEFAULT_DATA = Path(os.environ.get("STNREG_DATA", ROOT.parent / "shared" / "data"))
 CONFIGS = {"oasis2d": ROOT / "configs" / "oasis2d_svf.yaml", "prostate": ROOT / "configs" / "prostate_affine_svf.yaml"}
-INSTANCE = {"oasis2d": "svf", "prostate": "rigid+affine+svf"}
+INSTANCE = {"oasis2d": "svf", "prostate": "rigid+affine+svf", "synth": "rigid+affine+svf"}
+
+
+def _label_of(image: Path) -> str:
+    """The label file of a prostate image (``.../images/X.nii.gz`` -> ``.../labels/X.nii*``)."""
+    return str(next((image.parent.parent / "labels").glob(image.name.split(".")[0] + ".nii*")))
+
+
+def before_row(case: dict) -> dict:
+    """The scores of the unregistered pair (a zero displacement)."""
+    fixed = stnreg.read_image(case["fixed"])
+    return score(case, torch.zeros(fixed.ndim, *fixed.grid.shape))
+
+
+def measured(fn):
+    """``(fn(), seconds, peak RSS growth in MiB)``; the growth is 0 unless ``fn`` sets a new peak."""
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t = time.perf_counter()
+    out = fn()
+    secs = time.perf_counter() - t
+    return out, secs, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+
+
+def ants_syn(workers: Workers, case: dict, tmp: Path) -> tuple[torch.Tensor | None, dict]:
+    """ANTs SyN (antspyx defaults, seed 1) in its worker process (``benchmarks/baselines.py``): the
+    displacement on the fixed grid and the worker's row (``seconds``: reading to written outputs)."""
+    jid = job_name(case["case"], "SyN", 1)
+    job = {
+        "id": jid,
+        "moving": case["moving"],
+        "fixed": case["fixed"],
+        "seed": 1,
+        "settings": {"type": "SyN"},
+        "out": str(tmp / "out" / jid),
+        "disp": str(tmp / f"{jid}.npy"),
+    }
+    row = workers.run("ants", job, 3600.0)
+    if "error" in row:
+        return None, row
+    return torch.from_numpy(np.load(job["disp"])), row
 
 
 def tissue_labels(img: np.ndarray) -> np.ndarray:
@@ -100,7 +148,14 @@ def prostate_cases(data: Path, tmp: Path, n: int) -> list[dict]:
     return out
 
 
-CASES = {"oasis2d": oasis_cases, "prostate": prostate_cases}
+def synth_cases(data: Path, tmp: Path, n: int) -> list[dict]:
+    """Real pairs for the shipped ``synth`` network, which trained on synthetic pairs only: the
+    prostate REPORT set (``pairwise.py``'s chained pairs), MR -> ultrasound and test_scan -> MNI152."""
+    ns = argparse.Namespace(set="report", pairs=n)
+    return case_prostate(data, tmp, ns) + case_mrus(data, tmp, ns) + case_mni(data, tmp, ns)
+
+
+CASES = {"oasis2d": oasis_cases, "prostate": prostate_cases, "synth": synth_cases}
 
 
 def train(case: str, data: Path, steps: int | None, threads: int, ckpt_dir: Path) -> tuple[Path, dict]:
@@ -168,17 +223,22 @@ def main() -> None:
     try:
         import ants  # noqa: F401
 
-        syn = ants_method("SyN")
+        has_ants = True
     except ImportError:
         print("antspyx is not installed: ANTs SyN rows skipped (pip install antspyx)", file=sys.stderr)
-        syn = None
+        has_ants = False
     rows, training = [], {}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmpd:
+    with tempfile.TemporaryDirectory() as tmpd, Workers(Path(tmpd), 1) as workers:
         for case_name in args.cases.split(","):
             ckpt = args.checkpoint_dir / case_name / "last.ckpt"
             costs = args.checkpoint_dir / case_name / "training.json"
-            if args.reuse and ckpt.exists():
+            if case_name == "synth":
+                # Shipped, trained on a GPU by benchmarks/synth_gpu.sh (results/learned-synth.md).
+                ckpt = "synth"
+                shipped = torch.load(MODEL_DIR / SHIPPED["synth"], map_location="cpu", weights_only=False)
+                training[case_name] = {"steps": shipped["global_step"], "trained": "GPU"}
+            elif args.reuse and ckpt.exists():
                 training[case_name] = json.loads(costs.read_text()) if costs.exists() else {}
             else:
                 ckpt, training[case_name] = train(
@@ -194,13 +254,20 @@ def main() -> None:
                 rows.append({"case": case["case"], "method": "(before)", "seconds": 0.0, **before})
                 runs = {
                     "network": lambda c=case, lab=labels, task=task: register_with_model(
-                        task, c["moving"], c["fixed"], 0, labels=lab, device="cpu", progress=False
+                        task, c["moving"], c["fixed"], 0, labels=lab, device="cpu", progress=False, loss=c.get("loss")
                     ),
                     f"network+refine{args.refine}": lambda c=case, lab=labels, task=task: register_with_model(
-                        task, c["moving"], c["fixed"], args.refine, labels=lab, device="cpu", progress=False
+                        task,
+                        c["moving"],
+                        c["fixed"],
+                        args.refine,
+                        labels=lab,
+                        device="cpu",
+                        progress=False,
+                        loss=c.get("loss"),
                     ),
                     "stnreg instance": lambda c=case, family=INSTANCE[case_name]: stnreg.register(
-                        c["moving"], c["fixed"], family, "lncc", progress=False, device="cpu"
+                        c["moving"], c["fixed"], family, c.get("loss", "lncc"), progress=False, device="cpu"
                     ),
                 }
                 for name, fn in runs.items():
@@ -210,11 +277,15 @@ def main() -> None:
                         {"case": case["case"], "method": name, "seconds": res.timings["total_s"], "peak_mib": mem, **r}
                     )
                     print(f"{case['case']:20} {name:22} {res.timings['total_s']:7.3f}s {r}", flush=True)
-                if syn is not None:
-                    disp, secs, mem = measured(lambda c=case: syn(c["moving"], c["fixed"], c))
-                    r = score(case, disp)
-                    rows.append({"case": case["case"], "method": "ANTs SyN", "seconds": secs, "peak_mib": mem, **r})
-                    print(f"{case['case']:20} {'ANTs SyN':22} {secs:7.3f}s {r}", flush=True)
+                if has_ants:
+                    disp, row = ants_syn(workers, case, Path(tmpd))
+                    if disp is None:
+                        print(f"{case['case']:20} ANTs SyN failed: {row['error']}", file=sys.stderr)
+                    else:
+                        r = score(case, disp)
+                        secs, mem = row["seconds"], row["peak_mib"] - row["base_mib"]
+                        rows.append({"case": case["case"], "method": "ANTs SyN", "seconds": secs, "peak_mib": mem, **r})
+                        print(f"{case['case']:20} {'ANTs SyN':22} {secs:7.3f}s {r}", flush=True)
                 (RESULTS / f"{args.out}.partial.json").write_text(json.dumps(rows, indent=1, default=float))
     report = render(rows, training, args)
     (RESULTS / f"{args.out}.md").write_text(report)
@@ -245,7 +316,8 @@ def render(rows: list[dict], training: dict, args: argparse.Namespace) -> str:
         "|---|---:|---:|---:|---:|---:|",
     ]
     for case, t in training.items():
-        cost = [f"{t[k]:.0f}" if k in t else "(reused)" for k in ("steps", "threads", "train_s", "train_peak_mib")]
+        missing = "(GPU: learned-synth.md)" if t.get("trained") == "GPU" else "(reused)"
+        cost = [f"{t[k]:.0f}" if k in t else missing for k in ("steps", "threads", "train_s", "train_peak_mib")]
         lines.append(f"| {case} | " + " | ".join(cost) + f" | {1000 * t['batched_forward_s_per_pair']:.2f} |")
     lines += [
         "",

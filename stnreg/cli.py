@@ -40,7 +40,14 @@ def _register_one(args: argparse.Namespace, options: RegisterOptions) -> dict:
         from .learn import register_with_model
 
         result = register_with_model(
-            args.model, mov, fix, args.refine, labels=lab, device=options.device, progress=not args.quiet
+            args.model,
+            mov,
+            fix,
+            args.refine,
+            labels=lab,
+            device=options.device,
+            progress=not args.quiet,
+            loss=options.loss,
         )
     else:
         mask = read_image(args.mask) if args.mask else None

@@ -98,10 +98,11 @@ def test_synth_3d_notebook(tmp_path, data_dir):
     )
     assert ns["trainer"].global_step == 2
     net, refined = ns["net"].metrics, ns["refined"].metrics
-    # Without a shipped network the notebook uses the one it trained for 2 steps (no change: Dice 0.591);
-    # 10 refinement steps after it raise the gland Dice to 0.673. Without refinement the check fails.
-    assert refined["dice_after"] > net["dice_after"] + 0.05, (net, refined)
+    # The shipped network, trained on synthetic pairs only, on a real inter-subject prostate pair: gland
+    # Dice 0.591 before, 0.752 after one forward pass; the refinement keeps or raises it.
+    assert net["dice_after"] > net["dice_before"] + 0.1, net
+    assert refined["dice_after"] > net["dice_after"] - 0.01, (net, refined)
     assert all(m["jacobian"]["folding_percent"] < 0.01 for m in (net, refined))
-    assert ns["net"].settings["network"]["stages"] == ["affine", "svf"]
+    assert ns["net"].settings["network"]["stages"] == ["svf"]
     assert (tmp_path / "out" / "synthetic_vs_real.png").stat().st_size > 10_000
     assert (tmp_path / "out" / "synth_pair" / "report.json").exists()

@@ -76,6 +76,7 @@ def register_with_model(
     labels: tuple[Any, Any] | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
+    loss: str | None = None,
 ):
     """Register ``moving`` to ``fixed`` with a trained network (and ``refine_steps`` of refinement).
 
@@ -85,6 +86,8 @@ def register_with_model(
         refine_steps: iterations per refinement stage (0: network only).
         labels: ``(moving_labels, fixed_labels)`` for Dice/HD95 in the metrics.
         device: ``"cpu"``, ``"cuda"``...; defaults to CUDA when available.
+        loss: the similarity refinement optimizes (``"mi"`` across modalities); default the model's
+            own (``similarity`` of its training config).
 
     Returns:
         A :class:`~stnreg.register.RegistrationResult` (world-space transform, fixed grid),
@@ -124,7 +127,7 @@ def register_with_model(
     settings = {
         "model": str(model) if not isinstance(model, RegistrationTask) else "in-memory RegistrationTask",
         "transform": "+".join(task.net.stages) + " (network)",
-        "loss": h.similarity,
+        "loss": loss or h.similarity,
         "network": task.net.config,
         "input_shape": list(shape),
         "refine_steps": refine_steps,
@@ -139,7 +142,7 @@ def register_with_model(
             [mov],
             [fix],
             refine_stages,
-            h.similarity,
+            loss or h.similarity,
             window=h.window,
             labels=None if labels is None else [labels],
             initial_matrix=None if matrix is None else matrix.matrix().detach(),

@@ -8,7 +8,8 @@ moving image is always resampled once from the original through ``T``.
 
 - matrix families (``translation``, ``rigid``, ``similarity``, ``affine``, ``projective``) and
   control-point families (``tps``, ``bspline``): a :class:`~stnreg.nets.LocalizationCNN` encoder
-  with an identity-initialized linear head;
+  with an identity-initialized linear head; or, for ``affine`` with ``matrix_net="centroids"``, a
+  :class:`~stnreg.nets.centroids.CentroidAffine` (feature centroids and a least-squares fit);
 - dense families (``displacement``, ``svf``): a :class:`~stnreg.nets.UNet` predicting a field in
   **voxels** of the network input, converted to normalized units; ``svf`` is integrated by scaling
   and squaring, so its map is diffeomorphic.
@@ -23,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import check_ndim
+from ..nets.centroids import CentroidAffine
 from ..nets.localization import LocalizationCNN
 from ..nets.stn import identity_head
 from ..nets.unet import UNet
@@ -75,6 +77,10 @@ class RegistrationNet(nn.Module):
             power of two: the U-Net's decoder stops that many levels early; 2 is VoxelMorph's
             choice in 3D, and several times faster).
         int_steps: scaling-and-squaring steps of ``svf`` stages.
+        matrix_net: ``"cnn"`` (a localization CNN and a regression head, any matrix or
+            control-point family) or ``"centroids"`` (``affine`` stages only:
+            :class:`~stnreg.nets.centroids.CentroidAffine` with ``loc_features`` points and a
+            feature U-Net of ``loc_channels`` widths).
 
     ``config`` holds these arguments, so ``RegistrationNet(**net.config)`` rebuilds the network.
     """
@@ -93,9 +99,12 @@ class RegistrationNet(nn.Module):
         field_factor: int = 1,
         int_steps: int = 7,
         loc_pool: int = 4,
+        matrix_net: str = "cnn",
     ) -> None:
         super().__init__()
         check_ndim(ndim)
+        if matrix_net not in ("cnn", "centroids"):
+            raise ValueError(f"matrix_net must be 'cnn' or 'centroids', got {matrix_net!r}")
         stages = [str(s).lower() for s in stages]
         if not stages:
             raise ValueError("a registration network needs at least one stage")
@@ -117,6 +126,7 @@ class RegistrationNet(nn.Module):
             "field_factor": field_factor,
             "int_steps": int_steps,
             "loc_pool": loc_pool,
+            "matrix_net": matrix_net,
         }
         self.ndim, self.stages, self.field_factor, self.int_steps = ndim, stages, field_factor, int_steps
         self.nets = nn.ModuleList()
@@ -126,6 +136,12 @@ class RegistrationNet(nn.Module):
                 level = field_factor.bit_length() - 1
                 self.nets.append(UNet(2 * in_channels, ndim, ndim, encoder, decoder, final, out_level=level))
                 self.templates.append(None)
+                continue
+            if matrix_net == "centroids":
+                if s != "affine":
+                    raise ValueError(f"matrix_net='centroids' predicts affine stages only, not {s!r}")
+                self.nets.append(CentroidAffine(ndim, in_channels, loc_features, loc_channels))
+                self.templates.append(FAMILIES[s](ndim))
                 continue
             if s in MATRIX:
                 template: ParametricTransform = FAMILIES[s](ndim)

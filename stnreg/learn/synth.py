@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import lightning as L
 import torch
@@ -32,6 +32,7 @@ __all__ = [
     "SynthConfig",
     "SynthDataModule",
     "images_from_labels",
+    "random_contrast",
     "random_label_maps",
     "random_velocity",
     "smooth_noise",
@@ -86,10 +87,19 @@ def random_label_maps(
     return noise.argmax(1, keepdim=True)
 
 
-def images_from_labels(label_maps: Tensor, labels: int, generator: torch.Generator) -> Tensor:
-    """One random contrast per item: a Gaussian mixture over labels (mean ``U(0, 1)``, spread
-    ``U(0, 0.1)`` per label), partial-volume blur (sigma ``U(0, 1)`` voxels), a smooth multiplicative
-    bias field, gamma ``exp(N(0, 0.25))``, noise ``U(0, 0.05)``; rescaled to ``[0, 1]``."""
+def random_contrast(n: int, labels: int, generator: torch.Generator, device: torch.device | str) -> Tensor:
+    """Per-label intensity means ``U(0, 1)`` and spreads ``U(0, 0.1)``: ``(n, 2, labels)``."""
+    u = torch.rand(n, 2, labels, generator=generator, device=device)
+    return u * torch.tensor([1.0, 0.1], device=device).view(1, 2, 1)
+
+
+def images_from_labels(
+    label_maps: Tensor, labels: int, generator: torch.Generator, contrast: Tensor | None = None
+) -> Tensor:
+    """One random contrast per item: a Gaussian mixture over labels (``contrast`` from
+    :func:`random_contrast`, drawn when not given), partial-volume blur (sigma ``U(0, 1)`` voxels),
+    a smooth multiplicative bias field, gamma ``exp(N(0, 0.25))``, noise ``U(0, 0.05)``; rescaled
+    to ``[0, 1]``."""
     n, dev = label_maps.shape[0], label_maps.device
     d = label_maps.dim() - 2
     shape = tuple(label_maps.shape[2:])
@@ -97,7 +107,9 @@ def images_from_labels(label_maps: Tensor, labels: int, generator: torch.Generat
     def u(*size: int) -> Tensor:
         return torch.rand(*size, generator=generator, device=dev)
 
-    means, spreads = u(n, labels), u(n, labels) * 0.1
+    if contrast is None:
+        contrast = random_contrast(n, labels, generator, dev)
+    means, spreads = contrast[:, 0], contrast[:, 1]
     flat = label_maps.flatten(1)
     img = means.gather(1, flat) + spreads.gather(1, flat) * torch.randn(flat.shape, generator=generator, device=dev)
     img = img.view(n, 1, *shape)
@@ -125,6 +137,11 @@ class SynthConfig:
         affine: strength of a random affine between them (1: ±10° rotation, ~5% scale, ±5% shift).
         same_map: probability that both images come from one label map; otherwise each image's
             map is the shared one with an independent warp, as two subjects' anatomy differs.
+        same_contrast: probability that both images share one draw of label intensities (blur,
+            bias, gamma and noise stay independent). Such pairs are what an untrained network can
+            learn from: on pairs of independent contrasts alone a 2D network did not start to
+            learn in 1200 steps, while with one contrast it did within 300
+            (``benchmarks/results/learned-synth.md``); the rest teach it to ignore contrast.
     """
 
     shape: tuple[int, ...] = (64, 64, 64)
@@ -134,11 +151,14 @@ class SynthConfig:
     deform: float = 0.05
     affine: float = 1.0
     same_map: float = 0.5
+    same_contrast: float = 0.0
 
 
 def synth_pairs(n: int, config: SynthConfig, generator: torch.Generator, device: torch.device | str = "cpu") -> dict:
     """A batch of synthetic pairs: ``{"moving", "fixed"}`` images ``(n, 1, *shape)`` of independent
-    random contrasts and ``{"moving_labels", "fixed_labels"}`` one-hot ``(n, labels, *shape)``.
+    random contrasts, ``{"moving_labels", "fixed_labels"}`` one-hot ``(n, labels, *shape)`` and
+    ``"target"``, the exact fixed -> moving map at the fixed voxel centres, ``(n, *shape, d)`` in
+    normalized ``(x, y, z)`` coordinates (what a perfect network's ``sampling_grid`` returns).
 
     The moving map is the fixed map (or, with probability ``1 - same_map``, another warp of the same
     parent) moved by a random diffeomorphism and a random affine: the network has to undo both.
@@ -148,40 +168,74 @@ def synth_pairs(n: int, config: SynthConfig, generator: torch.Generator, device:
     fixed = parent
     phi = random_velocity(n, shape, config.deform, 4 * config.cell, generator, device).to(parent.device)
     coords = phi.sampling_grid(shape)
+    # The exact answer, T with moving(T(x)) = fixed(x): the inverse of every map applied to the moving
+    # map, in reverse order (T = psi^-1 o phi^-1 o A^-1 below).
+    target = phi.inverse()
     if config.affine:
-        coords = random_affine(n, len(shape), config.affine, generator).to(parent.device)(coords)
+        a = random_affine(n, len(shape), config.affine, generator, parent.device)
+        coords = a(coords)
+        target = target.compose(a.inverse())
     moving = sample(parent, coords, "label", "zeros")
+    target_grid = target.sampling_grid(shape)
     other = torch.rand(n, generator=generator, device=parent.device) >= config.same_map
     if bool(other.any()):
         # A second anatomy: the parent map under an independent shape warp.
         psi = random_velocity(n, shape, config.warp / 2, 2 * config.cell, generator, device).to(parent.device)
         alt = sample(moving, psi.sampling_grid(shape), "label", "zeros")
         moving = torch.where(other.view(n, *[1] * (len(shape) + 1)), alt, moving)
+        alt_grid = psi.inverse().compose(target).sampling_grid(shape)
+        target_grid = torch.where(other.view(n, *[1] * (len(shape) + 1)), alt_grid, target_grid)
 
     def one_hot(m: Tensor) -> Tensor:
         return F.one_hot(m[:, 0], config.labels).movedim(-1, 1).float()
 
+    fixed_contrast = random_contrast(n, config.labels, generator, parent.device)
+    shared = torch.rand(n, generator=generator, device=parent.device) < config.same_contrast
+    moving_contrast = torch.where(
+        shared.view(n, 1, 1), fixed_contrast, random_contrast(n, config.labels, generator, parent.device)
+    )
     return {
-        "moving": images_from_labels(moving, config.labels, generator),
-        "fixed": images_from_labels(fixed, config.labels, generator),
+        "moving": images_from_labels(moving, config.labels, generator, moving_contrast),
+        "fixed": images_from_labels(fixed, config.labels, generator, fixed_contrast),
         "moving_labels": one_hot(moving),
         "fixed_labels": one_hot(fixed),
+        "target": target_grid,
     }
 
 
 class _Stream(IterableDataset):
     """Endless batches from a seed (one stream per dataloader worker and process rank)."""
 
-    def __init__(self, config: SynthConfig, batch_size: int, seed: int, count: int | None = None) -> None:
+    def __init__(
+        self,
+        config: SynthConfig,
+        batch_size: int,
+        seed: int,
+        count: int | None = None,
+        device: str = "cpu",
+        contrast_warmup: int = 0,
+    ) -> None:
         self.config, self.batch_size, self.seed, self.count = config, batch_size, seed, count
+        self.device, self.contrast_warmup = device, contrast_warmup
+
+    def _config(self, k: int) -> SynthConfig:
+        """The config of batch ``k``: ``same_contrast`` falls linearly from 1 to its value over the
+        first ``contrast_warmup`` batches."""
+        if k >= self.contrast_warmup:
+            return self.config
+        p = self.config.same_contrast
+        return replace(self.config, same_contrast=1.0 - (1.0 - p) * k / self.contrast_warmup)
 
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
         rank = int(torch.distributed.get_rank()) if torch.distributed.is_initialized() else 0
-        g = torch.Generator().manual_seed(self.seed + 1000 * rank + (info.id if info else 0))
+        device = torch.device(self.device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        g = torch.Generator(device=device).manual_seed(self.seed + 1000 * rank + (info.id if info else 0))
         k = 0
         while self.count is None or k < self.count:
-            yield synth_pairs(self.batch_size, self.config, g)
+            yield synth_pairs(self.batch_size, self._config(k), g, device)
             k += 1
 
 
@@ -189,10 +243,16 @@ class SynthDataModule(L.LightningDataModule):
     """Synthetic training pairs drawn on the fly (:func:`synth_pairs`); a fixed validation set.
 
     Args:
-        shape ... same_map: see :class:`SynthConfig`.
+        shape ... same_contrast: see :class:`SynthConfig`.
         batch_size: pairs per batch.
         val_batches: validation batches (the same pairs every epoch: drawn from ``seed + 1``).
         seed: the training stream's seed.
+        contrast_warmup: training batches over which the probability of a shared contrast falls
+            linearly from 1 to ``same_contrast`` (0: none): a network learns to register one
+            contrast first and only then, slowly, across contrasts.
+        device: where pairs are drawn: ``"cpu"``, ``"cuda"`` (on the GPU that trains, no copies:
+            synthesis on the CPU would starve a GPU), or ``"auto"`` (CUDA when there is one). A
+            CUDA stream draws other numbers than a CPU one from the same seed.
     """
 
     def __init__(
@@ -204,17 +264,30 @@ class SynthDataModule(L.LightningDataModule):
         deform: float = 0.05,
         affine: float = 1.0,
         same_map: float = 0.5,
+        same_contrast: float = 0.0,
+        contrast_warmup: int = 0,
         batch_size: int = 1,
         val_batches: int = 4,
         seed: int = 0,
+        device: str = "cpu",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.config = SynthConfig(tuple(shape or (64, 64, 64)), labels, cell, warp, deform, affine, same_map)
+        self.config = SynthConfig(
+            tuple(shape or (64, 64, 64)), labels, cell, warp, deform, affine, same_map, same_contrast
+        )
+        # Validation always pairs independent contrasts: what the network is for.
+        self.val_config = replace(self.config, same_contrast=0.0)
         self.batch_size, self.val_batches, self.seed = batch_size, val_batches, seed
+        self.contrast_warmup = contrast_warmup
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = device
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(_Stream(self.config, self.batch_size, self.seed), batch_size=None)
+        stream = _Stream(self.config, self.batch_size, self.seed, None, self.device, self.contrast_warmup)
+        return DataLoader(stream, batch_size=None)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(_Stream(self.config, self.batch_size, self.seed + 1, self.val_batches), batch_size=None)
+        stream = _Stream(self.val_config, self.batch_size, self.seed + 1, self.val_batches, self.device)
+        return DataLoader(stream, batch_size=None)

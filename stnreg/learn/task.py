@@ -29,14 +29,21 @@ from .model import DENSE, RegistrationNet, RegistrationOutput
 __all__ = ["SHIPPED", "RegistrationTask", "load_task", "random_affine", "voxel_displacement"]
 
 
-def random_affine(n: int, ndim: int, strength: float, generator: torch.Generator | None = None) -> Affine:
+def random_affine(
+    n: int,
+    ndim: int,
+    strength: float,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> Affine:
     """Random normalized-space affines for augmentation: rotation ``±10°·s``, scale ``exp(N(0, 0.05 s))``
-    per axis, translation ``±0.05·s`` of the half-extent, batch ``n``."""
+    per axis, translation ``±0.05·s`` of the half-extent, batch ``n``, on ``device`` (the
+    generator's)."""
     g = generator
     k = 1 if ndim == 2 else 3
-    rot = (torch.rand(n, k, generator=g) * 2 - 1) * math.radians(10.0) * strength
-    scale = torch.exp(torch.randn(n, ndim, generator=g) * 0.05 * strength)
-    shift = (torch.rand(n, ndim, generator=g) * 2 - 1) * 0.05 * strength
+    rot = (torch.rand(n, k, generator=g, device=device) * 2 - 1) * math.radians(10.0) * strength
+    scale = torch.exp(torch.randn(n, ndim, generator=g, device=device) * 0.05 * strength)
+    shift = (torch.rand(n, ndim, generator=g, device=device) * 2 - 1) * 0.05 * strength
     linear = rotation_matrix(rot, ndim) * scale.unsqueeze(1)
     return Affine(ndim, params=torch.cat([linear, shift.unsqueeze(-1)], -1))
 
@@ -56,13 +63,18 @@ class RegistrationTask(L.LightningModule):
     """Train a registration network from ``(moving, fixed[, labels])`` batches.
 
     Args:
-        ndim ... int_steps: the network (see :class:`~stnreg.learn.model.RegistrationNet`).
+        ndim ... matrix_net: the network (see :class:`~stnreg.learn.model.RegistrationNet`).
         similarity: ``"mse"``, ``"ncc"``, ``"lncc"`` (``window`` voxels) or ``"mi"``.
         regularization: weights of ``"diffusion"``, ``"bending"``, ``"folding"`` on dense fields
             (default ``{"diffusion": 1.0}``).
         dice_weight: weight of the Dice loss on labels (0: labels only evaluated).
         similarity_weight: weight of the image similarity (0: trained by the labels alone, as on
             synthetic pairs, :class:`~stnreg.learn.synth.SynthDataModule`).
+        flow_weight: weight of the mean squared end-point error, in voxels of the fixed image,
+            between the network's map and a batch's exact ``"target"`` map (synthetic pairs know
+            it). The Dice of warped labels alone gives an untrained network a signal so weak and
+            noisy that it stayed the identity for 11,500 steps (``learned-synth-lr1e-4.md``); the
+            exact map gives every voxel a signal.
         lr: Adam learning rate.
         augment: strength of random affine augmentation applied independently to each image of a
             training pair (0: none; 1: ±10° rotation, ~5% scale, ±5% shift).
@@ -84,11 +96,13 @@ class RegistrationTask(L.LightningModule):
         field_factor: int = 1,
         int_steps: int = 7,
         loc_pool: int = 4,
+        matrix_net: str = "cnn",
         similarity: str = "lncc",
         window: int = 9,
         regularization: dict[str, float] | None = None,
         dice_weight: float = 0.0,
         similarity_weight: float = 1.0,
+        flow_weight: float = 0.0,
         lr: float = 1e-3,
         augment: float = 0.0,
         input_shape: list[int] | None = None,
@@ -112,6 +126,7 @@ class RegistrationTask(L.LightningModule):
             field_factor=field_factor,
             int_steps=int_steps,
             loc_pool=loc_pool,
+            matrix_net=matrix_net,
         )
         self.regularization = {"diffusion": 1.0} if regularization is None else dict(regularization)
         # The same loss definition as instance optimization (stnreg.register) uses.
@@ -133,26 +148,42 @@ class RegistrationTask(L.LightningModule):
         fixed: Tensor,
         moving_labels: Tensor | None = None,
         fixed_labels: Tensor | None = None,
+        target: Tensor | None = None,
     ) -> dict[str, Tensor]:
-        """Loss terms and their sum ``"loss"`` for a network (or refined) output."""
+        """Loss terms and their sum ``"loss"`` for a network (or refined) output; ``target`` is the
+        exact map ``(N, *shape, d)`` (normalized, as ``sampling_grid``) where a batch knows it."""
         h = self.hparams
         fields = [out.raw[k] if family in DENSE else None for k, family in enumerate(self.net.stages)]
         warped_labels = None
         if h.dice_weight and moving_labels is not None and fixed_labels is not None:
             warped_labels = self.net.warp(moving_labels.float(), out.transform)
         labels = None if fixed_labels is None else fixed_labels.float()
-        return self.loss(out.warped, fixed, fields, warped_labels, labels)
+        terms = self.loss(out.warped, fixed, fields, warped_labels, labels)
+        if h.get("flow_weight") and target is not None:
+            shape = tuple(fixed.shape[2:])
+            half = torch.tensor([s / 2 for s in reversed(shape)], dtype=target.dtype, device=target.device)
+            error = (out.transform.sampling_grid(shape) - target) * half
+            terms["flow"] = h.flow_weight * error.square().sum(-1).mean()
+            terms["loss"] = terms["loss"] + terms["flow"]
+        return terms
 
     def _augment(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         h = self.hparams
         out = dict(batch)
+        maps = {}
         for img_key, lab_key in (("moving", "moving_labels"), ("fixed", "fixed_labels")):
             img = batch[img_key]
             t = random_affine(img.shape[0], h.ndim, h.augment).to(img.device)
             coords = t.sampling_grid(tuple(img.shape[2:])).to(img.dtype)
+            maps[img_key] = (t, coords)
             out[img_key] = sample(img, coords, "linear", "border")
             if lab_key in batch:
                 out[lab_key] = sample(batch[lab_key].float(), coords, "nearest", "zeros")
+        if "target" in batch:
+            # moving'(x) = moving(Am x), fixed'(x) = fixed(Af x): the exact map becomes Am^-1 o T o Af.
+            (am, _), (_, fixed_coords) = maps["moving"], maps["fixed"]
+            moved = sample(batch["target"].movedim(-1, 1), fixed_coords.to(batch["target"].dtype), "linear", "border")
+            out["target"] = am.inverse()(moved.movedim(1, -1))
         return out
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
@@ -162,7 +193,12 @@ class RegistrationTask(L.LightningModule):
             batch = self._augment(batch)
         out = self(batch["moving"], batch["fixed"])
         terms = self.objective(
-            out, batch["moving"], batch["fixed"], batch.get("moving_labels"), batch.get("fixed_labels")
+            out,
+            batch["moving"],
+            batch["fixed"],
+            batch.get("moving_labels"),
+            batch.get("fixed_labels"),
+            batch.get("target"),
         )
         n = batch["fixed"].shape[0]
         self.log_dict({f"train/{k}": v for k, v in terms.items()}, prog_bar=False, batch_size=n)
@@ -172,7 +208,12 @@ class RegistrationTask(L.LightningModule):
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         out = self(batch["moving"], batch["fixed"])
         terms = self.objective(
-            out, batch["moving"], batch["fixed"], batch.get("moving_labels"), batch.get("fixed_labels")
+            out,
+            batch["moving"],
+            batch["fixed"],
+            batch.get("moving_labels"),
+            batch.get("fixed_labels"),
+            batch.get("target"),
         )
         n = batch["fixed"].shape[0]
         logs = {f"val/{k}": v for k, v in terms.items()}
@@ -195,7 +236,7 @@ class RegistrationTask(L.LightningModule):
 
 
 # Models shipped inside the package, by name (``stnreg register ... --model synth``).
-SHIPPED = {"synth": "synth_affine_svf.ckpt"}
+SHIPPED = {"synth": "synth_svf.ckpt"}
 MODEL_DIR = Path(__file__).resolve().parent / "models"
 
 
@@ -209,7 +250,7 @@ def load_task(path: str | os.PathLike, map_location: str | torch.device = "cpu")
     if str(path) in SHIPPED and not p.is_file():
         raise InputError(
             f"the model {path!r} is not installed ({p} is missing): train one with stnreg fit --config "
-            f"configs/synth_affine_svf.yaml and give its checkpoint, or place it there"
+            f"configs/synth_svf.yaml and give its checkpoint, or place it there"
         )
     if not p.is_file():
         raise InputError(f"{path}: no such checkpoint file")
