@@ -48,6 +48,7 @@ def _register_one(args: argparse.Namespace, options: RegisterOptions) -> dict:
             device=options.device,
             progress=not args.quiet,
             loss=options.loss,
+            affine_init=args.affine_init,
         )
     else:
         mask = read_image(args.mask) if args.mask else None
@@ -84,6 +85,8 @@ def _register_pairs(args: argparse.Namespace, options: RegisterOptions) -> int:
 def _register(args: argparse.Namespace) -> int:
     if args.refine and not args.model:
         raise CliError("--refine needs --model CKPT")
+    if args.affine_init and not args.model:
+        raise CliError("--affine-init needs --model CKPT")
     if args.model and args.pairs:
         raise CliError("--model registers one pair; --pairs is not supported with it")
     if args.pairs and (args.moving or args.labels):
@@ -186,6 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--mask", help="fixed-space mask restricting the similarity (with --pairs: every row's)")
     reg.add_argument("--model", help="a trained registration checkpoint (stnreg fit): one forward pass")
     reg.add_argument("--refine", type=int, default=0, help="with --model: N steps of instance optimization after it")
+    reg.add_argument(
+        "--affine-init",
+        action="store_true",
+        help="with --model: align the pair with rigid+affine first, then run the network (pairs far apart)",
+    )
     reg.add_argument("--pairs", help="CSV with columns moving,fixed[,moving_labels,fixed_labels][,mask]")
     reg.add_argument("--devices", type=int, default=1, help="processes (CPU) or GPUs for --pairs (Lightning)")
     reg.add_argument("--batch-size", type=int, default=4, help="--pairs on equal grids optimized together")

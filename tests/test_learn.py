@@ -152,6 +152,23 @@ def test_model_translation_maps_to_world():
     assert torch.allclose(result.matrix.matrix()[0, :2, :2], torch.eye(2), atol=1e-6)
 
 
+def test_model_affine_init_composes_the_prealignment_before_the_network():
+    """With ``affine_init`` the moving image is first aligned by rigid+affine: a copy of the fixed image
+    shifted by (3, -2) mm in world comes back as that translation, followed by the network's map
+    (here the identity: an untrained displacement network)."""
+    task = _tiny_task(stages=["displacement"], input_shape=[32, 40])
+    grid = Grid((32, 40), spacing=(1.0, 1.0))
+    fixed = Image(smooth_image((32, 40), 0, torch.float32)[0], grid)
+    moving = Image(fixed.data, Grid((32, 40), spacing=(1.0, 1.0), origin=(3.0, -2.0)))
+    plain = register_with_model(task, moving, fixed, progress=False, device="cpu")
+    assert plain.matrix is None
+    result = register_with_model(task, moving, fixed, progress=False, device="cpu", affine_init=True)
+    m = result.matrix.matrix()[0]
+    assert torch.allclose(m[:2, 2], torch.tensor([3.0, -2.0]), atol=0.05), m
+    assert torch.allclose(m[:2, :2], torch.eye(2), atol=0.01), m
+    assert result.settings["affine_init"] and result.timings["affine_init_s"] > 0
+
+
 def test_model_field_maps_to_world_and_saves(tmp_path):
     """A constant 2-voxel x displacement from the U-Net is 2 * spacing_x mm along the grid's x axis."""
     task = _tiny_task(stages=["displacement"], input_shape=[20, 30])
@@ -273,6 +290,8 @@ def test_register_model_cli_errors(tmp_path, capsys):
     write_image(img, Image(torch.rand(1, 16, 16), Grid((16, 16))))
     assert main(["register", str(img), str(img), "-o", str(tmp_path / "o"), "--refine", "3"]) == 2
     assert "--refine needs --model" in capsys.readouterr().err
+    assert main(["register", str(img), str(img), "-o", str(tmp_path / "o"), "--affine-init"]) == 2
+    assert "--affine-init needs --model" in capsys.readouterr().err
     assert main(["register", str(img), str(img), "-o", str(tmp_path / "o"), "--model", str(bogus)]) == 2
     assert "not a stnreg registration checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()

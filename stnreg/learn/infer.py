@@ -77,6 +77,7 @@ def register_with_model(
     device: str | torch.device | None = None,
     progress: bool = True,
     loss: str | None = None,
+    affine_init: bool = False,
 ):
     """Register ``moving`` to ``fixed`` with a trained network (and ``refine_steps`` of refinement).
 
@@ -88,6 +89,12 @@ def register_with_model(
         device: ``"cpu"``, ``"cuda"``...; defaults to CUDA when available.
         loss: the similarity refinement optimizes (``"mi"`` across modalities); default the model's
             own (``similarity`` of its training config).
+        affine_init: first align the pair with :func:`stnreg.register`'s ``rigid+affine`` stages
+            (``loss``), and run the network on the moving image resampled through that map; the
+            result is that matrix followed by the network's map. Off by default: on the prostate
+            tuning pairs it lowered the ``synth`` network's gland Dice from 0.648 to 0.625 (0.706 to
+            0.684 with 50 refinement steps); it is for pairs further apart than the ±10° and ±5%
+            shifts the network trained on.
 
     Returns:
         A :class:`~stnreg.register.RegistrationResult` (world-space transform, fixed grid),
@@ -110,11 +117,19 @@ def register_with_model(
             raise InputError(f"{img.name}: contains NaN or infinite values")
     shape = tuple(h.input_shape) if h.input_shape else fix.grid.shape
     net_grid = fix.grid.with_shape(shape)
+    pre: MatrixTransform | None = None
+    t_pre = time.perf_counter()
+    if affine_init:
+        from ..register import register
+
+        pre = register(mov, fix, "rigid+affine", loss or h.similarity, device=dev, progress=False).matrix
     with torch.no_grad():
         f_in = normalize_intensity(_resize(fix.data.float().mean(0, keepdim=True)[None], shape, "linear")).to(dev)
-        m_on_f = apply(Affine(fix.ndim), Image(mov.data.float().mean(0, keepdim=True), mov.grid, mov.name), net_grid)
+        to_moving = Affine(fix.ndim) if pre is None else pre
+        m_on_f = apply(to_moving, Image(mov.data.float().mean(0, keepdim=True), mov.grid, mov.name), net_grid)
         m_in = normalize_intensity(m_on_f.data[None]).to(dev)
     t_load = time.perf_counter()
+    pre_s = t_load - t_pre if affine_init else 0.0
     with torch.no_grad():
         out = task.net(m_in, f_in, warp_output=False)
     if dev.type == "cuda":
@@ -123,6 +138,11 @@ def register_with_model(
     with torch.no_grad():
         _, stages = task.net.compose(out.raw, shape)
     matrix, deformable = _world(stages, net_grid.normalized_to_world(), fix)
+    if pre is not None:
+        # The network saw the moving image through `pre`: the whole map is pre o (network's map).
+        m = pre.matrix().double().cpu() if matrix is None else pre.matrix().double().cpu() @ matrix.matrix().double()
+        projective = bool((m[:, fix.ndim, : fix.ndim].abs() > 1e-12).any())
+        matrix = (Projective if projective else Affine).from_matrix(m.float())
     t_world = time.perf_counter()
     settings = {
         "model": str(model) if not isinstance(model, RegistrationTask) else "in-memory RegistrationTask",
@@ -131,6 +151,7 @@ def register_with_model(
         "network": task.net.config,
         "input_shape": list(shape),
         "refine_steps": refine_steps,
+        "affine_init": bool(affine_init),
         "device": str(dev),
     }
     if refine_steps:
@@ -155,7 +176,8 @@ def register_with_model(
         )
         result.settings = settings | {"refinement": result.settings}
         result.timings = {
-            "load_s": t_load - t0,
+            "load_s": t_load - t0 - pre_s,
+            "affine_init_s": pre_s,
             "inference_s": t_inf - t_load,
             "refine_s": time.perf_counter() - t_world,
             "total_s": time.perf_counter() - t0,
@@ -174,7 +196,8 @@ def register_with_model(
         moving=mov,
         settings=settings,
         timings={
-            "load_s": t_load - t0,
+            "load_s": t_load - t0 - pre_s,
+            "affine_init_s": pre_s,
             "inference_s": t_inf - t_load,
             "refine_s": 0.0,
             "total_s": time.perf_counter() - t0,

@@ -72,9 +72,10 @@ class RegistrationTask(L.LightningModule):
             synthetic pairs, :class:`~stnreg.learn.synth.SynthDataModule`).
         flow_weight: weight of the mean squared end-point error, in voxels of the fixed image,
             between the network's map and a batch's exact ``"target"`` map (synthetic pairs know
-            it). The Dice of warped labels alone gives an untrained network a signal so weak and
-            noisy that it stayed the identity for 11,500 steps (``learned-synth-lr1e-4.md``); the
-            exact map gives every voxel a signal.
+            it): a signal at every voxel, inside a label too, where the Dice has none. What decides
+            whether a network starts to learn is the contrast, though (``same_contrast`` of
+            :class:`~stnreg.learn.synth.SynthConfig`): on 2D pairs of one contrast the Dice alone
+            learned as fast in 1200 steps (``benchmarks/results/learned-synth.md``).
         lr: Adam learning rate.
         augment: strength of random affine augmentation applied independently to each image of a
             training pair (0: none; 1: ±10° rotation, ~5% scale, ±5% shift).
