@@ -187,35 +187,25 @@ class RegistrationTask(L.LightningModule):
             out["target"] = am.inverse()(moved.movedim(1, -1))
         return out
 
+    def _batch_terms(self, batch: dict[str, Tensor]) -> tuple[RegistrationOutput, dict[str, Tensor]]:
+        """The network's output on a batch and its loss terms (labels and exact map where present)."""
+        out = self(batch["moving"], batch["fixed"])
+        labels = (batch.get("moving_labels"), batch.get("fixed_labels"))
+        return out, self.objective(out, batch["moving"], batch["fixed"], *labels, batch.get("target"))
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         if self.hparams.input_shape is None:
             self.hparams.input_shape = list(batch["fixed"].shape[2:])
         if self.hparams.augment:
             batch = self._augment(batch)
-        out = self(batch["moving"], batch["fixed"])
-        terms = self.objective(
-            out,
-            batch["moving"],
-            batch["fixed"],
-            batch.get("moving_labels"),
-            batch.get("fixed_labels"),
-            batch.get("target"),
-        )
+        _, terms = self._batch_terms(batch)
         n = batch["fixed"].shape[0]
         self.log_dict({f"train/{k}": v for k, v in terms.items()}, prog_bar=False, batch_size=n)
         self.log("loss", terms["loss"], prog_bar=True, logger=False, batch_size=n)
         return terms["loss"]
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        out = self(batch["moving"], batch["fixed"])
-        terms = self.objective(
-            out,
-            batch["moving"],
-            batch["fixed"],
-            batch.get("moving_labels"),
-            batch.get("fixed_labels"),
-            batch.get("target"),
-        )
+        out, terms = self._batch_terms(batch)
         n = batch["fixed"].shape[0]
         logs = {f"val/{k}": v for k, v in terms.items()}
         jac = jacobian_determinant(voxel_displacement(out.transform, tuple(batch["fixed"].shape[2:])))
