@@ -41,7 +41,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from stnreg.learn import RegistrationTask, SynthConfig, synth_pairs
+from stnreg.learn import RegistrationTask, SynthConfig, SynthDataModule, synth_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -53,16 +53,10 @@ RUNS = {
 }
 
 
-def synth_config(data_args: dict) -> SynthConfig:
-    keys = ("shape", "labels", "cell", "warp", "deform", "affine", "same_map", "same_contrast")
-    args = {k: data_args[k] for k in keys if k in data_args}
-    return SynthConfig(**{**args, "shape": tuple(data_args["shape"])})
-
-
 def step_costs(config: dict, steps: int) -> dict:
     """Seconds per synthetic batch and per optimizer step; peak RSS (MiB) of this process."""
     data_args = config["data"]["init_args"]
-    cfg = synth_config(data_args)
+    cfg = SynthDataModule(**data_args).config
     g = torch.Generator().manual_seed(0)
     task = RegistrationTask(**config["model"]["init_args"])
     opt = torch.optim.Adam(task.parameters(), lr=config["model"]["init_args"]["lr"])

@@ -39,6 +39,14 @@ from .task import RegistrationTask, load_task
 __all__ = ["register_with_model"]
 
 
+def _matrix_transform(m: Tensor) -> MatrixTransform:
+    """A homogeneous ``(N, d+1, d+1)`` matrix as an :class:`Affine`, or a :class:`Projective` when its
+    last row is not ``[0, ..., 0, 1]``."""
+    d = m.shape[-1] - 1
+    projective = bool((m[:, d, :d].abs() > 1e-12).any())
+    return (Projective if projective else Affine).from_matrix(m.float())
+
+
 def _world(stages: list, net_to_world: Tensor, fixed: Image) -> tuple[MatrixTransform | None, Displacement | None]:
     """Split normalized-space stages into a world matrix and a world displacement on the fixed grid."""
     k = 0
@@ -51,9 +59,7 @@ def _world(stages: list, net_to_world: Tensor, fixed: Image) -> tuple[MatrixTran
         m = stages[0].matrix().double()
         for s in stages[1:k]:
             m = m @ s.matrix().double()
-        m_world = net_to_world @ m.cpu() @ w
-        projective = bool((m_world[:, d, :d].abs() > 1e-12).any())
-        matrix = Projective.from_matrix(m_world.float()) if projective else Affine.from_matrix(m_world.float())
+        matrix = _matrix_transform(net_to_world @ m.cpu() @ w)
     if k == len(stages):
         return matrix, None
     rest: Transform = stages[k]
@@ -119,19 +125,21 @@ def register_with_model(
             raise InputError(f"{img.name}: contains NaN or infinite values")
     shape = tuple(h.input_shape) if h.input_shape else fix.grid.shape
     net_grid = fix.grid.with_shape(shape)
+    similarity = loss or h.similarity
     pre: MatrixTransform | None = None
-    t_pre = time.perf_counter()
+    pre_s = 0.0
     if affine_init:
         from ..register import register
 
-        pre = register(mov, fix, "rigid+affine", loss or h.similarity, device=dev, progress=False).matrix
+        t_pre = time.perf_counter()
+        pre = register(mov, fix, "rigid+affine", similarity, device=dev, progress=False).matrix
+        pre_s = time.perf_counter() - t_pre
     with torch.no_grad():
         f_in = normalize_intensity(_resize(fix.data.float().mean(0, keepdim=True)[None], shape, "linear")).to(dev)
         to_moving = Affine(fix.ndim) if pre is None else pre
         m_on_f = apply(to_moving, Image(mov.data.float().mean(0, keepdim=True), mov.grid, mov.name), net_grid)
         m_in = normalize_intensity(m_on_f.data[None]).to(dev)
     t_load = time.perf_counter()
-    pre_s = t_load - t_pre if affine_init else 0.0
     with torch.no_grad():
         out = task.net(m_in, f_in, warp_output=False)
     if dev.type == "cuda":
@@ -142,14 +150,13 @@ def register_with_model(
     matrix, deformable = _world(stages, net_grid.normalized_to_world(), fix)
     if pre is not None:
         # The network saw the moving image through `pre`: the whole map is pre o (network's map).
-        m = pre.matrix().double().cpu() if matrix is None else pre.matrix().double().cpu() @ matrix.matrix().double()
-        projective = bool((m[:, fix.ndim, : fix.ndim].abs() > 1e-12).any())
-        matrix = (Projective if projective else Affine).from_matrix(m.float())
+        m = pre.matrix().double().cpu()
+        matrix = _matrix_transform(m if matrix is None else m @ matrix.matrix().double())
     t_world = time.perf_counter()
     settings = {
         "model": str(model) if not isinstance(model, RegistrationTask) else "in-memory RegistrationTask",
         "transform": "+".join(task.net.stages) + " (network)",
-        "loss": loss or h.similarity,
+        "loss": similarity,
         "network": task.net.config,
         "input_shape": list(shape),
         "refine_steps": refine_steps,
@@ -170,7 +177,7 @@ def register_with_model(
             [mov],
             [fix],
             refine_stages,
-            loss or h.similarity,
+            similarity,
             window=h.window,
             labels=None if labels is None else [labels],
             initial_matrix=None if matrix is None else matrix.matrix().detach(),

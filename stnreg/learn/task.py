@@ -75,7 +75,7 @@ class RegistrationTask(L.LightningModule):
             it): a signal at every voxel, inside a label too, where the Dice has none. What decides
             whether a network starts to learn is the contrast, though (``same_contrast`` of
             :class:`~stnreg.learn.synth.SynthConfig`): on 2D pairs of one contrast the Dice alone
-            learned as fast in 1200 steps (``benchmarks/results/learned-synth.md``).
+            did better in 1200 steps (``benchmarks/results/learned-synth.md``).
         lr: Adam learning rate.
         augment: strength of random affine augmentation applied independently to each image of a
             training pair (0: none; 1: ±10° rotation, ~5% scale, ±5% shift).
