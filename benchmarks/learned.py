@@ -17,8 +17,10 @@ SDlogJ, NCC): ``network`` (one forward pass), ``network+refine`` (``--refine`` i
 instance optimization, an SVF composed after the prediction), ``stnreg instance`` (:func:`stnreg.register`, the same
 transform family, from scratch) and ``ANTs SyN`` (antspyx defaults; skipped when not installed).
 Times are the registration call on one thread: stnreg's own ``timings["total_s"]`` (loading and
-resampling included, metrics excluded), ANTs' wall time in its worker process
-(``benchmarks/baselines.py``, seed 1, reading to written outputs). Training time and peak memory (RSS growth)
+resampling included, metrics and writing excluded), ANTs' in its worker process
+(``benchmarks/baselines.py``, seed 1: reading the files to its transforms, which ANTs writes as it
+finishes). Not quite the same clock: ``pairwise.py`` times every method from reading to written
+outputs. Training time and peak memory (RSS growth)
 are measured around ``Trainer.fit`` on ``--train-threads`` threads.
 
 * ``synth``: the shipped network trained on synthetic pairs only (``--model synth``; never trained
